@@ -1,0 +1,42 @@
+"""cgc-tf: Contrastive Grad-CAM Consistency (CVPR 2022) for Keras 3 / TensorFlow.
+
+Public API:
+  CGCModel                  keras.Model whose train_step adds the CGC loss.
+  PairedAugmentation        one random geometric T for images and heatmaps.
+  backbones                 offline ResNet builders with their target layers.
+  gradcam, losses           Grad-CAM by GradientTape; InfoNCE / MSE consistency.
+"""
+
+import os
+
+__version__ = "0.1.0"
+
+# Keras reads KERAS_BACKEND at import; cgc-tf is written against tf.GradientTape.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        f"cgc_tf needs the TensorFlow Keras backend, but KERAS_BACKEND is "
+        f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras"
+    )
+
+from cgc_tf import augment  # noqa: E402
+from cgc_tf import backbones  # noqa: E402
+from cgc_tf import distribute  # noqa: E402
+from cgc_tf import gradcam  # noqa: E402
+from cgc_tf import losses  # noqa: E402
+from cgc_tf.augment import PairedAugmentation  # noqa: E402
+from cgc_tf.model import CGCModel  # noqa: E402
+
+__all__ = [
+    "CGCModel",
+    "PairedAugmentation",
+    "augment",
+    "backbones",
+    "distribute",
+    "gradcam",
+    "losses",
+    "__version__",
+]

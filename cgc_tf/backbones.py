@@ -1,0 +1,186 @@
+"""Offline image classifiers (no downloads) with their recommended Grad-CAM layer.
+
+Every builder returns a functional `keras.Model` mapping float32 images
+[B, H, W, 3] in [0, 1] to logits [B, num_classes] (no softmax: Grad-CAM and the
+cross-entropy both work on logits). ImageNet mean/std normalisation is the
+first layer, so callers never preprocess by hand.
+
+Keras ships ResNet-50 (`keras.applications`) but no ResNet-18/34, so those are
+built here from basic blocks with keras.applications' layer naming
+(`conv5_block2_out` ...), which keeps target-layer names uniform across depths.
+"""
+
+import keras
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Recommended Grad-CAM target layer (the last convolutional block) per builder.
+TARGET_LAYERS = {
+    "small_resnet": "conv4_block1_out",
+    "resnet18": "conv5_block2_out",
+    "resnet34": "conv5_block3_out",
+    "resnet50": "conv5_block3_out",
+}
+
+
+def _normalized_input(input_shape):
+    """Returns (input tensor, ImageNet-normalised tensor)."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    variance = [s * s for s in IMAGENET_STD]
+    x = keras.layers.Normalization(
+        mean=list(IMAGENET_MEAN), variance=variance, name="imagenet_normalization"
+    )(inputs)
+    return inputs, x
+
+
+def _basic_block(x, filters, stride, name):
+    """ResNet v1 basic block (two 3x3 convs) with projection shortcut when needed."""
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(
+            filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv"
+        )(x)
+        shortcut = keras.layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_0_bn")(
+            shortcut
+        )
+    x = keras.layers.Conv2D(
+        filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv"
+    )(x)
+    x = keras.layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_1_bn")(x)
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(x)
+    x = keras.layers.BatchNormalization(
+        epsilon=1.001e-5, gamma_initializer="zeros", name=f"{name}_2_bn"
+    )(x)
+    x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+    return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def basic_resnet(
+    input_shape,
+    num_classes,
+    blocks_per_stage,
+    filters_per_stage,
+    stem_filters=64,
+    stem_downsample=True,
+    name="resnet",
+):
+    """Builds a ResNet v1 of basic blocks.
+
+    Args:
+      input_shape: (H, W, 3) of the float32 images in [0, 1].
+      num_classes: number of logits.
+      blocks_per_stage: blocks in each stage, e.g. (2, 2, 2, 2) for ResNet-18.
+      filters_per_stage: channels of each stage, e.g. (64, 128, 256, 512).
+      stem_filters: channels of the stem convolution.
+      stem_downsample: ImageNet stem (7x7 stride 2 + max-pool, /4) when True;
+        a 3x3 stride-1 stem for small images when False.
+      name: model name.
+
+    Returns:
+      A functional keras.Model, images -> logits float32 [B, num_classes]. The
+      last block of stage s (1-based, counting from conv2) is `conv{s+1}_block{n}_out`.
+    """
+    if len(blocks_per_stage) != len(filters_per_stage):
+        raise ValueError(
+            f"blocks_per_stage {blocks_per_stage} and filters_per_stage "
+            f"{filters_per_stage} must have the same length"
+        )
+    inputs, x = _normalized_input(input_shape)
+    if stem_downsample:
+        x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
+        x = keras.layers.Conv2D(stem_filters, 7, strides=2, use_bias=False, name="conv1_conv")(x)
+    else:
+        x = keras.layers.Conv2D(
+            stem_filters, 3, padding="same", use_bias=False, name="conv1_conv"
+        )(x)
+    x = keras.layers.BatchNormalization(epsilon=1.001e-5, name="conv1_bn")(x)
+    x = keras.layers.Activation("relu", name="conv1_relu")(x)
+    if stem_downsample:
+        x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+        x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, filters_per_stage)):
+        for block in range(blocks):
+            stride = 2 if (stage > 0 and block == 0) else 1
+            x = _basic_block(x, filters, stride, name=f"conv{stage + 2}_block{block + 1}")
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    logits = keras.layers.Dense(num_classes, name="predictions")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def small_resnet(input_shape=(48, 48, 3), num_classes=10, weights=None):
+    """A 3-stage ResNet (~0.2M parameters) for small images such as cluttered digits.
+
+    Target layer: `conv4_block1_out` (feature map H/4 x W/4 x 64).
+    """
+    model = basic_resnet(
+        input_shape,
+        num_classes,
+        blocks_per_stage=(1, 1, 1),
+        filters_per_stage=(16, 32, 64),
+        stem_filters=16,
+        stem_downsample=False,
+        name="small_resnet",
+    )
+    return _maybe_load(model, weights)
+
+
+def resnet18(input_shape=(224, 224, 3), num_classes=1000, weights=None):
+    """ResNet-18; target layer `conv5_block2_out` (7x7x512 at 224)."""
+    model = basic_resnet(
+        input_shape, num_classes, (2, 2, 2, 2), (64, 128, 256, 512), name="resnet18"
+    )
+    return _maybe_load(model, weights)
+
+
+def resnet34(input_shape=(224, 224, 3), num_classes=1000, weights=None):
+    """ResNet-34; target layer `conv5_block3_out`."""
+    model = basic_resnet(
+        input_shape, num_classes, (3, 4, 6, 3), (64, 128, 256, 512), name="resnet34"
+    )
+    return _maybe_load(model, weights)
+
+
+def resnet50(input_shape=(224, 224, 3), num_classes=1000, weights=None):
+    """ResNet-50 from keras.applications (random init); target layer `conv5_block3_out`."""
+    inputs, x = _normalized_input(input_shape)
+    trunk = keras.applications.ResNet50(
+        include_top=False, weights=None, input_tensor=x, pooling="avg"
+    )
+    logits = keras.layers.Dense(num_classes, name="predictions")(trunk.output)
+    model = keras.Model(inputs, logits, name="resnet50")
+    return _maybe_load(model, weights)
+
+
+BUILDERS = {
+    "small_resnet": small_resnet,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
+
+
+def build(arch, input_shape, num_classes, weights=None):
+    """Builds a backbone by name (a key of `BUILDERS`).
+
+    Returns:
+      (model, target_layer_name).
+    """
+    if arch not in BUILDERS:
+        raise ValueError(f"arch={arch!r} is not known; choose one of {sorted(BUILDERS)}")
+    model = BUILDERS[arch](input_shape=input_shape, num_classes=num_classes, weights=weights)
+    return model, TARGET_LAYERS[arch]
+
+
+def _maybe_load(model, weights):
+    """Loads a local `.weights.h5` file; layers whose shapes differ (a new head) are skipped."""
+    if weights is None:
+        return model
+    if not str(weights).endswith(".weights.h5"):
+        raise ValueError(
+            f"weights={weights!r}: expected a local Keras weights file ending in '.weights.h5' "
+            "(nothing is downloaded)"
+        )
+    model.load_weights(weights, skip_mismatch=True)
+    return model

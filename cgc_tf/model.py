@@ -1,0 +1,348 @@
+"""`CGCModel`: a keras.Model whose `train_step` adds Contrastive Grad-CAM Consistency.
+
+One training step follows ../shared/METHOD.md:
+  views x_xe (classification augmentation), x_orig (deterministic) and
+  x_aug = T(x_orig); Grad-CAM of x_orig and x_aug for c = argmax z(x_orig);
+  upsample, sum-normalise, warp cam(x_orig) by T, flatten, L2-normalise;
+  loss = CE(x_xe) + CE(x_orig) + CE(x_aug) + lambda_ * L_consistency.
+
+Batches accepted by `fit`:
+  * `(x, y)` or `(x, y, sample_weight)`: labelled; CE + consistency.
+  * `x` alone: unlabelled; consistency only (its target is its own prediction).
+  * `((x_l, y_l), x_u)`: semi-supervised; CE on the labelled classification
+    view + lambda_ * consistency on the unlabelled batch.
+`x` is float32 [B, H, W, 3] in [0, 1] (the deterministic view x_orig), or a dict
+{"image": x_orig, "classification_view": x_xe} when the input pipeline made the
+classification view. When it did not, x_xe is made on the device by a random
+resized crop + flip of x_orig.
+"""
+
+import keras
+import tensorflow as tf
+
+from cgc_tf import augment as augment_lib
+from cgc_tf import distribute
+from cgc_tf import gradcam as gradcam_lib
+from cgc_tf import losses
+
+IMAGE_KEY = "image"
+CLASSIFICATION_VIEW_KEY = "classification_view"
+VIEWS = (2, 3)
+
+
+@keras.saving.register_keras_serializable(package="cgc_tf")
+class CGCModel(keras.Model):
+    """Wraps a functional classifier and trains it with the CGC objective.
+
+    `model(images)` returns the backbone's logits, so `predict`/`evaluate` work as
+    for any classifier; `explain(images)` adds Grad-CAM heatmaps.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        target_layer=None,
+        lambda_=0.5,
+        temperature=0.5,
+        consistency="contrastive",
+        views=3,
+        augmentation=None,
+        global_negatives=False,
+        name=None,
+        trainable=True,
+    ):
+        """Builds the model.
+
+        Args:
+          backbone: functional keras.Model, float32 images [B, H, W, 3] in [0, 1] ->
+            logits [B, K] (no softmax).
+          target_layer: Grad-CAM layer name (4-D output); None picks the last 4-D
+            layer of the backbone.
+          lambda_: weight of the consistency loss (0 = plain baseline; the
+            consistency loss is still computed and reported, without gradient).
+          temperature: InfoNCE temperature, > 0.
+          consistency: "contrastive" (CGC), "mse" (GC baseline) or "none" (same as
+            lambda_=0).
+          views: 3 = METHOD.md (CE on x_xe, x_orig, x_aug); 2 = the faster variant
+            without x_xe (CE on x_orig and x_aug).
+          augmentation: `cgc_tf.augment.PairedAugmentation` for T; None = the
+            paper's random resized crop + horizontal flip.
+          global_negatives: gather the augmented heatmaps of all replicas as extra
+            negatives (no effect with one replica).
+          name, trainable: as keras.Model.
+        """
+        super().__init__(name=name, trainable=trainable)
+        if not isinstance(backbone, keras.Model) or not hasattr(backbone, "inputs"):
+            raise ValueError(
+                f"backbone must be a functional keras.Model, got {type(backbone).__name__}"
+            )
+        if consistency not in losses.CONSISTENCY_LOSSES:
+            raise ValueError(
+                f"consistency={consistency!r} is not one of {losses.CONSISTENCY_LOSSES}"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        if lambda_ < 0:
+            raise ValueError(f"lambda_={lambda_!r} must be >= 0")
+        if views not in VIEWS:
+            raise ValueError(f"views={views!r} must be one of {VIEWS}")
+        _check_logits(backbone)
+        self.backbone = backbone
+        self.target_layer = target_layer or gradcam_lib.default_target_layer(backbone)
+        self.lambda_ = float(lambda_)
+        self.temperature = float(temperature)
+        self.consistency = consistency
+        self.views = int(views)
+        self.global_negatives = bool(global_negatives)
+        self.augmentation = augmentation or augment_lib.PairedAugmentation()
+        # The classification view's augmentation when the pipeline did not make it.
+        self.classification_augmentation = augment_lib.PairedAugmentation()
+        self.extractor = gradcam_lib.feature_model(backbone, self.target_layer)
+        self.image_size = tuple(backbone.inputs[0].shape[1:3])
+        self.ce_loss_tracker = keras.metrics.Mean(name="ce_loss")
+        self.cgc_loss_tracker = keras.metrics.Mean(name="cgc_loss")
+
+    @property
+    def trains_consistency(self):
+        """True when the consistency loss contributes gradients."""
+        return self.lambda_ > 0 and self.consistency != "none"
+
+    def call(self, inputs, training=False):
+        """Logits float32 [B, K] of images (or of the dict's "image")."""
+        if isinstance(inputs, dict):
+            inputs = inputs[IMAGE_KEY]
+        return self.backbone(inputs, training=training)
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, jit_compile="auto", **kwargs):
+        """As keras.Model.compile; the loss is the CGC objective, so `loss` must be None."""
+        if loss is not None:
+            raise ValueError(
+                f"loss={loss!r}: CGCModel computes its own cross-entropy + consistency loss; "
+                "configure it with the constructor (lambda_, temperature, consistency)"
+            )
+        if jit_compile is True and not self.augmentation.xla_compatible:
+            raise ValueError(
+                "jit_compile=True, but the augmentation uses keras-cv layers without an XLA "
+                "kernel (ImageProjectiveTransformV3); remove them from "
+                "PairedAugmentation(geometric_layers=...) or compile with jit_compile=False"
+            )
+        super().compile(optimizer=optimizer, metrics=metrics, jit_compile=jit_compile, **kwargs)
+        if self.jit_compile and not self.augmentation.xla_compatible:
+            # "auto" chose XLA (an accelerator is present); fall back rather than fail.
+            self.jit_compile = False
+
+    # ----------------------------------------------------------------- views
+    def _split_views(self, x):
+        """(x_orig, x_xe or None) from a tensor or a dict batch."""
+        if isinstance(x, dict):
+            return x[IMAGE_KEY], x.get(CLASSIFICATION_VIEW_KEY)
+        return x, None
+
+    def _classification_view(self, x_orig, x_xe):
+        if x_xe is not None:
+            return x_xe
+        return self.classification_augmentation(x_orig, training=True)
+
+    def consistency_terms(self, x_orig, training):
+        """Forward x_orig and x_aug = T(x_orig); Grad-CAM both; the consistency loss.
+
+        Args:
+          x_orig: float32 [B, H, W, 3] the deterministic view.
+          training: BatchNorm mode.
+
+        Returns:
+          dict with logits_orig, logits_aug (float32 [B, K]), loss (scalar), and
+          anchors/positives (float32 [B, H*W]).
+        """
+        height, width = self.image_size
+        batch_size = tf.shape(x_orig)[0]
+        transform = self.augmentation.sample(batch_size, height, width)
+        x_aug = self.augmentation.apply_to_images(x_orig, transform)
+        logits_orig, cam_orig, class_index = gradcam_lib.gradcam(
+            self.extractor, x_orig, training=training
+        )
+        logits_aug, cam_aug, _ = gradcam_lib.gradcam(
+            self.extractor, x_aug, class_index=class_index, training=training
+        )
+        cam_orig = gradcam_lib.sum_normalize(gradcam_lib.upsample(cam_orig, (height, width)))
+        cam_aug = gradcam_lib.sum_normalize(gradcam_lib.upsample(cam_aug, (height, width)))
+        warped = self.augmentation.apply_to_heatmaps(cam_orig, transform)
+        anchors = losses.flatten_and_normalize(cam_aug)
+        positives = losses.flatten_and_normalize(warped)
+        negatives, self_offset = None, 0
+        if self.global_negatives:
+            negatives, self_offset = distribute.all_gather_with_offset(anchors)
+        loss = losses.consistency_loss(
+            self.consistency, anchors, positives, self.temperature, negatives, self_offset
+        )
+        if not self.trains_consistency:
+            loss = tf.stop_gradient(loss)
+        return {
+            "logits_orig": logits_orig,
+            "logits_aug": logits_aug,
+            "loss": loss,
+            "anchors": anchors,
+            "positives": positives,
+        }
+
+    # ------------------------------------------------------------ train/test
+    def _unpack(self, data):
+        """(labelled x, y, sample_weight, unlabelled x) from any accepted batch."""
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and isinstance(data[0], (tuple, list))
+        ):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(data[0]))
+            return x, y, sample_weight, data[1]
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            return None, None, None, x
+        return x, y, sample_weight, None
+
+    def _cross_entropy(self, y, logits, sample_weight):
+        per_example = keras.losses.sparse_categorical_crossentropy(
+            y, tf.cast(logits, tf.float32), from_logits=True
+        )
+        if sample_weight is None:
+            return tf.reduce_mean(per_example)
+        sample_weight = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        return tf.reduce_sum(per_example * sample_weight) / tf.maximum(
+            tf.reduce_sum(sample_weight), 1e-12
+        )
+
+    def _loss_terms(self, data, training):
+        """Forward passes and loss terms of one batch: (total, ce, cgc, y, logits)."""
+        labelled_x, y, sample_weight, unlabelled_x = self._unpack(data)
+        ce = tf.constant(0.0)
+        cgc = tf.constant(0.0)
+        metric_logits = None
+        if labelled_x is not None:
+            x_orig, x_xe = self._split_views(labelled_x)
+            if unlabelled_x is None:
+                terms = self.consistency_terms(x_orig, training)
+                cgc = terms["loss"]
+                ce = self._cross_entropy(y, terms["logits_orig"], sample_weight)
+                metric_logits = terms["logits_orig"]
+                if training:
+                    # Accuracy on the augmented view, as the reference code reports.
+                    metric_logits = terms["logits_aug"]
+                    ce += self._cross_entropy(y, metric_logits, sample_weight)
+                    if self.views == 3:
+                        logits_xe = self.backbone(
+                            self._classification_view(x_orig, x_xe), training=True
+                        )
+                        ce += self._cross_entropy(y, logits_xe, sample_weight)
+            else:
+                x_xe = x_orig
+                if self.views == 3 and training:
+                    x_xe = self._classification_view(x_orig, x_xe)
+                metric_logits = self.backbone(x_xe, training=training)
+                ce = self._cross_entropy(y, metric_logits, sample_weight)
+        if unlabelled_x is not None:
+            x_orig, _ = self._split_views(unlabelled_x)
+            cgc = self.consistency_terms(x_orig, training)["loss"]
+        total = ce
+        if self.trains_consistency:
+            total = total + self.lambda_ * cgc
+        if training and self.losses:
+            total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
+        return total, ce, cgc, y, metric_logits
+
+    def _update_metrics(self, total, ce, cgc, y, logits, sample_weight=None):
+        for metric in self.metrics:
+            if metric is self.ce_loss_tracker:
+                metric.update_state(ce)
+            elif metric is self.cgc_loss_tracker:
+                metric.update_state(cgc)
+            elif metric.name == "loss":
+                metric.update_state(total)
+            elif y is not None:
+                metric.update_state(y, logits, sample_weight=sample_weight)
+        return self.get_metrics_result()
+
+    def train_step(self, data):
+        """One optimizer step on a batch (replica code under tf.distribute)."""
+        with tf.GradientTape() as tape:
+            total, ce, cgc, y, logits = self._loss_terms(data, training=True)
+            scaled = distribute.scale_loss_for_replicas(total)
+            scaled = self.optimizer.scale_loss(scaled)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._update_metrics(total, ce, cgc, y, logits)
+
+    def test_step(self, data):
+        """Evaluation: CE on the given view, consistency under a random T, metrics."""
+        total, ce, cgc, y, logits = self._loss_terms(data, training=False)
+        return self._update_metrics(total, ce, cgc, y, logits)
+
+    # --------------------------------------------------------------- explain
+    def explain(self, images, class_index=None):
+        """Predictions and Grad-CAM heatmaps at the input resolution.
+
+        Args:
+          images: float32 [B, H, W, 3] in [0, 1].
+          class_index: optional int [B] class to explain per example; default the
+            predicted class.
+
+        Returns:
+          dict of tensors: "probabilities" float32 [B, K] (softmax of the logits),
+          "class_id" int32 [B] (argmax), "heatmap" float32 [B, H, W] (ReLU'd
+          gradient x activation, bilinearly upsampled, not normalised) for
+          `class_index` or the prediction.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        if class_index is None:
+            return self._explain_predicted(images)
+        return self._explain_class(images, tf.convert_to_tensor(class_index, tf.int32))
+
+    @tf.function(reduce_retracing=True)
+    def _explain_predicted(self, images):
+        return self._explain(images, None)
+
+    @tf.function(reduce_retracing=True)
+    def _explain_class(self, images, class_index):
+        return self._explain(images, class_index)
+
+    def _explain(self, images, class_index):
+        logits, cam, _ = gradcam_lib.gradcam(self.extractor, images, class_index, training=False)
+        return {
+            "probabilities": tf.nn.softmax(logits),
+            "class_id": tf.argmax(logits, axis=-1, output_type=tf.int32),
+            "heatmap": gradcam_lib.upsample(cam, tf.shape(images)[1:3]),
+        }
+
+    # ------------------------------------------------------------ serialise
+    def get_config(self):
+        return {
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "target_layer": self.target_layer,
+            "lambda_": self.lambda_,
+            "temperature": self.temperature,
+            "consistency": self.consistency,
+            "views": self.views,
+            "augmentation": keras.saving.serialize_keras_object(self.augmentation),
+            "global_negatives": self.global_negatives,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
+        return cls(**config)
+
+
+def _check_logits(backbone):
+    """Rejects backbones that end in a softmax: Grad-CAM and CE need logits."""
+    last = backbone.layers[-1]
+    activation = getattr(last, "activation", None)
+    if activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax":
+        raise ValueError(
+            f"backbone {backbone.name!r} ends in a softmax (layer {last.name!r}); build it "
+            "to output logits, e.g. keras.applications.MobileNetV2(..., "
+            "classifier_activation=None)"
+        )

@@ -1,0 +1,45 @@
+"""cgc-tf: Contrastive Grad-CAM Consistency for Keras 3 / TensorFlow."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', Path(__file__).with_name("cgc_tf").joinpath("__init__.py").read_text()
+).group(1)
+
+setup(
+    name="cgc-tf",
+    version=VERSION,
+    description="Contrastive Grad-CAM Consistency (CVPR 2022) for Keras 3 / TensorFlow",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cgc_tf", "cgc_tf.*"]),
+    package_data={"cgc_tf": ["configs/*.cfg", "data/cluttered_digits/*.md"]},
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.3,<3.16",
+        "keras-cv>=0.9,<0.10",
+        "tensorflow-datasets>=4.9.6,<4.10",
+        "absl-py>=2.0,<3",
+        "onnx>=1.16,<1.24",
+        "tf2onnx>=1.16,<1.18",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",
+        "pillow>=10",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "onnxruntime>=1.18,<1.33", "hypothesis>=6.100"],
+        "and-cuda": ["tensorflow[and-cuda]>=2.16,<2.22"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cgc-train=cgc_tf.cli.train:run",
+            "cgc-evaluate=cgc_tf.cli.evaluate:run",
+            "cgc-export=cgc_tf.cli.export:run",
+        ]
+    },
+)

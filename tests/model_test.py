@@ -1,0 +1,186 @@
+"""CGCModel: fit, batch structures, baselines, explain, serialisation."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cgc_tf
+from cgc_tf import gradcam
+from tests import testing_models
+
+
+def _blob_dataset(num_examples=48, image_size=16, num_classes=3, seed=0):
+    """Images with one bright square whose quadrant is the class (plus noise)."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 0.3, (num_examples, image_size, image_size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+    half = image_size // 2
+    corners = [(0, 0), (0, half), (half, 0)]
+    for index, label in enumerate(labels):
+        top, left = corners[label]
+        y = top + rng.integers(0, half - 4)
+        x = left + rng.integers(0, half - 4)
+        images[index, y : y + 4, x : x + 4, :] = rng.uniform(0.7, 1.0, 3)
+    return images, labels
+
+
+def _model(**kwargs):
+    backbone = testing_models.tiny_convnet(image_size=16, num_classes=3, channels=8)
+    return cgc_tf.CGCModel(backbone, target_layer="features", **kwargs)
+
+
+class CGCModelTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        keras.utils.set_random_seed(0)
+        self.images, self.labels = _blob_dataset()
+
+    def _dataset(self, batch_size=8):
+        return tf.data.Dataset.from_tensor_slices((self.images, self.labels)).batch(
+            batch_size, drop_remainder=True
+        )
+
+    def test_fit_lowers_both_losses(self):
+        model = _model(lambda_=1.0, temperature=0.5)
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+        history = model.fit(self._dataset(), epochs=8, verbose=0).history
+        self.assertEqual(
+            set(history), {"loss", "ce_loss", "cgc_loss", "accuracy"}
+        )
+        self.assertLess(history["ce_loss"][-1], history["ce_loss"][0])
+        self.assertLess(history["cgc_loss"][-1], history["cgc_loss"][0])
+        self.assertTrue(np.all(np.isfinite(history["loss"])))
+
+    def test_evaluate_reports_losses(self):
+        model = _model()
+        model.compile(optimizer="sgd", metrics=["accuracy"])
+        results = model.evaluate(self._dataset(), verbose=0, return_dict=True)
+        self.assertEqual(set(results), {"loss", "ce_loss", "cgc_loss", "accuracy"})
+        # Validation CE is the deterministic view's only.
+        logits = model.predict(self.images[:48], verbose=0)
+        expected = keras.losses.sparse_categorical_crossentropy(
+            self.labels[:48], logits, from_logits=True
+        )
+        self.assertAllClose(results["ce_loss"], float(tf.reduce_mean(expected)), atol=1e-4)
+
+    def test_dict_batches_with_classification_view(self):
+        model = _model(views=3)
+        model.compile(optimizer="sgd")
+        images = tf.constant(self.images[:8])
+        batch = ({"image": images, "classification_view": images[:, :, ::-1]}, self.labels[:8])
+        logs = model.train_on_batch(*batch, return_dict=True)
+        self.assertTrue(np.isfinite(logs["loss"]))
+
+    def test_unlabelled_and_semi_supervised_batches(self):
+        model = _model()
+        model.compile(optimizer="sgd")
+        unlabelled = tf.data.Dataset.from_tensor_slices(self.images).batch(8, drop_remainder=True)
+        history = model.fit(unlabelled, epochs=1, verbose=0).history
+        self.assertEqual(history["ce_loss"], [0.0])
+        self.assertGreater(history["cgc_loss"][0], 0.0)
+        semi = tf.data.Dataset.zip((self._dataset(), unlabelled))
+        history = model.fit(semi, epochs=1, verbose=0).history
+        self.assertGreater(history["ce_loss"][0], 0.0)
+        self.assertGreater(history["cgc_loss"][0], 0.0)
+
+    def test_lambda_zero_is_plain_baseline(self):
+        """lambda_=0 steps exactly as consistency="none" but still reports cgc_loss."""
+        deterministic = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        weights = []
+        for kwargs in ({"lambda_": 0.0}, {"consistency": "none"}):
+            model = _model(views=2, augmentation=deterministic, **kwargs)
+            model.compile(optimizer=keras.optimizers.SGD(0.1))
+            logs = model.train_on_batch(self.images[:8], self.labels[:8], return_dict=True)
+            self.assertGreater(logs["cgc_loss"], 0.0)
+            self.assertAllClose(logs["loss"], logs["ce_loss"])
+            weights.append([w.numpy() for w in model.trainable_weights])
+        for first, second in zip(*weights):
+            self.assertAllClose(first, second, atol=1e-6)
+
+    def test_consistency_changes_the_step(self):
+        deterministic = cgc_tf.PairedAugmentation(
+            area_range=(0.5, 0.5), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        kernels = []
+        for lambda_ in (0.0, 1.0):
+            model = _model(views=2, augmentation=deterministic, lambda_=lambda_)
+            model.compile(optimizer=keras.optimizers.SGD(0.1))
+            model.train_on_batch(self.images[:8], self.labels[:8])
+            kernels.append(model.backbone.get_layer("conv1").kernel.numpy())
+        self.assertGreater(np.max(np.abs(kernels[0] - kernels[1])), 1e-7)
+
+    def test_trainable_variables_are_not_duplicated(self):
+        model = _model()
+        variables = model.trainable_variables
+        self.assertEqual(len(variables), len({id(v) for v in variables}))
+        self.assertEqual(len(variables), len(model.backbone.trainable_variables))
+
+    def test_explain_matches_closed_form(self):
+        model = _model()
+        explained = model.explain(self.images[:4])
+        features, logits = model.extractor(self.images[:4])
+        dense = model.backbone.get_layer("logits")
+        cam = gradcam.closed_form_cam(features, dense.kernel, explained["class_id"])
+        self.assertAllClose(explained["heatmap"], gradcam.upsample(cam, (16, 16)), atol=1e-5)
+        self.assertAllClose(explained["probabilities"], tf.nn.softmax(logits), atol=1e-6)
+        self.assertEqual(explained["class_id"].dtype, tf.int32)
+        given = model.explain(self.images[:4], class_index=[0, 1, 2, 0])
+        cam = gradcam.closed_form_cam(features, dense.kernel, tf.constant([0, 1, 2, 0]))
+        self.assertAllClose(given["heatmap"], gradcam.upsample(cam, (16, 16)), atol=1e-5)
+
+    def test_save_load_round_trip(self):
+        model = _model(lambda_=0.3, temperature=0.2, consistency="mse", views=2)
+        model.compile(optimizer="sgd", metrics=["accuracy"])
+        model.fit(self._dataset(), epochs=1, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "model.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertIsInstance(loaded, cgc_tf.CGCModel)
+        self.assertEqual(loaded.get_config()["consistency"], "mse")
+        self.assertEqual(loaded.lambda_, 0.3)
+        before = model.explain(self.images[:4])
+        after = loaded.explain(self.images[:4])
+        for key in ("probabilities", "class_id", "heatmap"):
+            self.assertAllClose(before[key], after[key], atol=1e-6)
+        clone = cgc_tf.CGCModel.from_config(model.get_config())
+        self.assertEqual(clone.get_config()["temperature"], 0.2)
+
+    def test_keras_applications_backbone(self):
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), weights=None, classes=3, classifier_activation=None, alpha=0.35
+        )
+        model = cgc_tf.CGCModel(backbone)
+        self.assertEqual(model.target_layer, "out_relu")
+        model.compile(optimizer="sgd")
+        images = tf.image.resize(self.images[:4], (32, 32))
+        logs = model.train_on_batch(images, self.labels[:4], return_dict=True)
+        self.assertTrue(np.isfinite(logs["loss"]))
+        self.assertEqual(model.explain(images)["heatmap"].shape, (4, 32, 32))
+
+    def test_invalid_arguments(self):
+        backbone = testing_models.tiny_convnet()
+        for kwargs, pattern in (
+            ({"temperature": 0.0}, "temperature=0.0"),
+            ({"lambda_": -1.0}, "lambda_=-1.0"),
+            ({"consistency": "l1"}, "consistency='l1'"),
+            ({"views": 1}, "views=1"),
+            ({"target_layer": "logits"}, "target_layer='logits'"),
+        ):
+            with self.assertRaisesRegex(ValueError, pattern):
+                cgc_tf.CGCModel(backbone, **kwargs)
+        softmax_backbone = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), weights=None, classes=3, alpha=0.35
+        )
+        with self.assertRaisesRegex(ValueError, "softmax"):
+            cgc_tf.CGCModel(softmax_backbone)
+        with self.assertRaisesRegex(ValueError, "loss="):
+            cgc_tf.CGCModel(backbone).compile(optimizer="sgd", loss="mse")
+
+
+if __name__ == "__main__":
+    tf.test.main()
