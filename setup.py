@@ -16,8 +16,17 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cgc_tf", "cgc_tf.*"]),
-    package_data={"cgc_tf": ["configs/*.cfg", "data/cluttered_digits/*.md"]},
+    # The thin absl binaries live in train/, export/ and evaluate/; they are
+    # installed under cgc_tf_* names so no generic top-level package lands in
+    # site-packages.
+    packages=find_packages(include=["cgc_tf", "cgc_tf.*"])
+    + ["cgc_tf_train", "cgc_tf_export", "cgc_tf_evaluate"],
+    package_dir={
+        "cgc_tf_train": "train",
+        "cgc_tf_export": "export",
+        "cgc_tf_evaluate": "evaluate",
+    },
+    package_data={"cgc_tf": ["data/cluttered_digits/*.md"], "cgc_tf_train": ["configs/*.cfg"]},
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.3,<3.16",
@@ -37,9 +46,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cgc-train=cgc_tf.cli.train:run",
-            "cgc-evaluate=cgc_tf.cli.evaluate:run",
-            "cgc-export=cgc_tf.cli.export:run",
+            "cgc-train=cgc_tf_train.main:run",
+            "cgc-evaluate=cgc_tf_evaluate.main:run",
+            "cgc-export=cgc_tf_export.main:run",
         ]
     },
 )

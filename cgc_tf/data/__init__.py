@@ -1,0 +1,47 @@
+"""Input pipelines of `cgc_tf`: tfds by name, image folders, views, subsets.
+
+Datasets (`dataset` argument): "cluttered_digits" (embedded, built offline on
+first use), any tensorflow-datasets name prepared in `data_dir` (never
+downloaded), or "folder:/root" (root/train/<class>/*, root/val|test/<class>/*).
+
+Public API:
+  DatasetInfo, dataset_info     classes, splits, bounding boxes of a dataset.
+  train_dataset                 ({"image", "classification_view"}, label) batches.
+  eval_dataset                  ({"image"}, label) batches, or dicts with boxes.
+  unlabeled_dataset             {"image"} batches.
+  semi_supervised_dataset       ((x_l, y_l), x_u) with the unlabelled stream repeated.
+  CorruptImageCounter           distinct corrupt files skipped (skip_corrupt_images=True).
+
+Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
+file policy), `views` (METHOD.md views), `pipeline` (the builders). Importing
+this package registers the `cluttered_digits` tfds builder
+(`cgc_tf.data.cluttered_digits`).
+"""
+
+from cgc_tf.data import cluttered_digits
+from cgc_tf.data import decode
+from cgc_tf.data import pipeline
+from cgc_tf.data import sources
+from cgc_tf.data import views
+from cgc_tf.data.decode import CorruptImageCounter
+from cgc_tf.data.pipeline import eval_dataset
+from cgc_tf.data.pipeline import semi_supervised_dataset
+from cgc_tf.data.pipeline import train_dataset
+from cgc_tf.data.pipeline import unlabeled_dataset
+from cgc_tf.data.sources import dataset_info
+from cgc_tf.data.sources import DatasetInfo
+
+__all__ = [
+    "CorruptImageCounter",
+    "DatasetInfo",
+    "cluttered_digits",
+    "dataset_info",
+    "decode",
+    "eval_dataset",
+    "pipeline",
+    "semi_supervised_dataset",
+    "sources",
+    "train_dataset",
+    "unlabeled_dataset",
+    "views",
+]

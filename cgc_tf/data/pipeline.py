@@ -1,0 +1,367 @@
+"""The public tf.data builders: training, evaluation, unlabelled, semi-supervised.
+
+Every builder: resolve the dataset name (`sources`), read records, decode in
+parallel (`decode`, num_parallel_calls=AUTOTUNE, deterministic order), compute the
+views (`views`), batch, prefetch(AUTOTUNE). Only decoding and the views run in
+tf.data; the CGC transform T happens in the model.
+
+Caching rule: the decoded (uint8, not augmented) images are cached in memory when
+their estimated total size is at most `CACHE_MAX_BYTES` (200 MiB). The estimate is
+exact for datasets with a fixed image shape (e.g. `cluttered_digits`) and for image
+folders that got the full-decode validation pass (at most 200 MiB of files); for
+other tfds datasets it is the mean decoded size of the first 16 images times the
+number of examples; folders above the validation limit are never cached. Cached
+data are shuffled after the cache (buffer min(shuffle_buffer, examples)); otherwise
+the undecoded records are shuffled (all paths for folders; file order plus a
+`shuffle_buffer` of encoded records for tfds) and then decoded.
+
+Decoding resolution: JPEGs are decoded with libjpeg's DCT downscaling down to the
+smallest short side the views need (`views.min_decoded_side`): the deterministic
+view alone needs less than the classification view, so for a very large JPEG the
+training and evaluation pipelines may decode at different scales and their
+deterministic views then differ by resampling noise.
+
+Randomness: `seed` fixes the per-class subset, the shuffling order of every epoch
+and the classification-view crops; shuffling and crops change from epoch to epoch
+(`reshuffle_each_iteration`, `Dataset.random(rerandomize_each_iteration=True)`).
+"""
+
+import numbers
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from cgc_tf.data import decode
+from cgc_tf.data import sources
+from cgc_tf.data import views
+
+CACHE_MAX_BYTES = 200 * 2**20
+
+
+def _check_int(name, value, minimum, allow_none=False):
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}={value!r} must be {allowed}")
+
+
+def _counter_for(skip_corrupt_images, corrupt_image_counter):
+    if not isinstance(skip_corrupt_images, bool):
+        raise ValueError(f"skip_corrupt_images={skip_corrupt_images!r} must be True or False")
+    if corrupt_image_counter is not None and not isinstance(
+        corrupt_image_counter, decode.CorruptImageCounter
+    ):
+        raise ValueError(
+            f"corrupt_image_counter={corrupt_image_counter!r} must be a "
+            "cgc_tf.data.CorruptImageCounter or None"
+        )
+    if skip_corrupt_images and corrupt_image_counter is None:
+        # Skipped files are still logged; the caller just cannot read the count.
+        return decode.CorruptImageCounter()
+    return corrupt_image_counter
+
+
+def _decode(records, skip_corrupt_images, counter, min_short_side):
+    """Maps record dicts to example dicts with `image` uint8 [H, W, 3]."""
+
+    def decode_record(record):
+        example = dict(record)
+        encoded = example.pop("encoded", None)
+        if skip_corrupt_images:
+            example["image"], ok = decode.decode_or_skip(
+                example["name"], counter, encoded=encoded, min_short_side=min_short_side
+            )
+            return example, ok
+        example["image"] = decode.decode_or_fail(
+            example["name"], encoded=encoded, min_short_side=min_short_side
+        )
+        return example
+
+    def decoded(example, ok):
+        del example
+        return ok
+
+    def drop_flag(example, ok):
+        del ok
+        return example
+
+    dataset = records.map(decode_record, num_parallel_calls=tf.data.AUTOTUNE)
+    if skip_corrupt_images:
+        dataset = dataset.filter(decoded).map(drop_flag)
+    return dataset
+
+
+def _should_cache(records):
+    return records.decoded_bytes is not None and records.decoded_bytes <= CACHE_MAX_BYTES
+
+
+def _decoded_examples(records, shuffle, seed, shuffle_buffer, skip_corrupt_images, counter,
+                      min_short_side):
+    """Decoded (and, for training, shuffled) examples; cached when small."""
+    if _should_cache(records):
+        # The cache is filled in stored order; shuffling happens after it.
+        dataset = _decode(records.read(), skip_corrupt_images, counter, min_short_side).cache()
+        if shuffle:
+            buffer = max(1, min(shuffle_buffer, records.num_examples))
+            dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        return dataset
+    dataset = records.read(shuffle_files=shuffle, seed=seed)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return _decode(dataset, skip_corrupt_images, counter, min_short_side)
+
+
+def _per_class_subset(source, split, examples_per_class, seed):
+    """Names of `examples_per_class` examples of every class, chosen by `seed`."""
+    names, labels = source.label_index(split)
+    chosen = np.zeros([len(names)], bool)
+    for class_id, class_name in enumerate(source.info.class_names):
+        candidates = np.flatnonzero(labels == class_id)
+        if len(candidates) < examples_per_class:
+            raise ValueError(
+                f"examples_per_class={examples_per_class} but class {class_name!r} (id "
+                f"{class_id}) has only {len(candidates)} examples in split {split!r} of "
+                f"{source.info.name!r}"
+            )
+        # One stream per (seed, class): a class's subset does not depend on the others.
+        rng = np.random.default_rng([seed, class_id])
+        chosen[rng.choice(candidates, size=examples_per_class, replace=False)] = True
+    return [str(name) for name in names[chosen]]
+
+
+def _seeded(dataset, seed):
+    """Zips a stateless seed int64 [2] to every element, different every epoch."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip((dataset, seeds))
+
+
+def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
+                  examples_per_class=None, seed=0, classification_view=True,
+                  shuffle_buffer=10000, skip_corrupt_images=False, drop_remainder=True, *,
+                  corrupt_image_counter=None):
+    """The labelled training stream: one pass over the split per iteration.
+
+    Args:
+      dataset: "cluttered_digits", a prepared tfds name, or "folder:/root".
+      batch_size: int B >= 1.
+      image_size: int S >= 1, the model's input side.
+      data_dir: tfds data directory (None: the tfds default).
+      split: split name (tfds split specs allowed); None: the train split.
+      examples_per_class: int N or None. If set, a deterministic subset of N
+        examples per class (the same for the same seed). With
+        skip_corrupt_images=True, chosen files found corrupt are dropped, not
+        replaced.
+      seed: int >= 0: subset, shuffling and crops.
+      classification_view: also compute `classification_view` (x_xe).
+      shuffle_buffer: int >= 1, shuffle buffer size (in examples).
+      skip_corrupt_images: skip and count corrupt images instead of failing.
+      drop_remainder: drop the last incomplete batch (static shapes).
+      corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+
+    Returns:
+      tf.data.Dataset of (features, labels): features is a dict with `image`
+      (float32 [B, S, S, 3] in [0, 1], the deterministic view) and, if
+      `classification_view`, `classification_view` (float32 [B, S, S, 3] in
+      [0, 1]); labels int32 [B]. Reshuffled every epoch; not repeated.
+
+    Raises:
+      ValueError: invalid arguments, unknown or unprepared dataset, a class with
+        fewer than `examples_per_class` examples, corrupt files (fail-fast policy).
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("image_size", image_size, 1)
+    _check_int("examples_per_class", examples_per_class, 1, allow_none=True)
+    _check_int("seed", seed, 0)
+    _check_int("shuffle_buffer", shuffle_buffer, 1)
+    counter = _counter_for(skip_corrupt_images, corrupt_image_counter)
+    source = sources.resolve(dataset, data_dir, image_size)
+    split = source.info.train_split if split is None else split
+    names = None
+    if examples_per_class is not None:
+        names = _per_class_subset(source, split, examples_per_class, seed)
+    min_short_side = views.min_decoded_side(image_size, classification_view)
+    records = source.records(
+        split, names=names, skip_corrupt_images=skip_corrupt_images, counter=counter,
+        min_short_side=min_short_side,
+    )
+    if drop_remainder and records.num_examples < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {records.num_examples} examples of "
+            f"split {split!r} of {dataset!r}: with drop_remainder=True no batch is produced"
+        )
+    examples = _decoded_examples(
+        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side
+    )
+
+    def make_views(example, element_seed):
+        image = example["image"]
+        features = {"image": views.deterministic_view(image, image_size)}
+        if classification_view:
+            features["classification_view"] = views.classification_view(
+                image, image_size, element_seed
+            )
+        return features, tf.cast(example["label"], tf.int32)
+
+    dataset_out = _seeded(examples, seed).map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset_out = dataset_out.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset_out.prefetch(tf.data.AUTOTUNE)
+
+
+def _fixed_boxes(boxes, max_boxes):
+    """Pads with -1 rows or truncates float32 [N, 4] to [max_boxes, 4]."""
+    boxes = boxes[:max_boxes]
+    padding = [[0, max_boxes - tf.shape(boxes)[0]], [0, 0]]
+    boxes = tf.pad(boxes, padding, constant_values=-1.0)
+    boxes.set_shape([max_boxes, 4])
+    return boxes
+
+
+def eval_dataset(dataset, batch_size, image_size, data_dir=None, split=None, with_boxes=False,
+                 max_boxes=None, skip_corrupt_images=False, *, corrupt_image_counter=None):
+    """The evaluation stream, deterministic view only, in stored order.
+
+    Args:
+      dataset: "cluttered_digits", a prepared tfds name, or "folder:/root".
+      batch_size: int B >= 1 (the last batch may be smaller).
+      image_size: int S >= 1.
+      data_dir: tfds data directory (None: the tfds default).
+      split: split name; None: the dataset's evaluation split.
+      with_boxes: also yield the bounding boxes (datasets with boxes only).
+      max_boxes: int N >= 1 or None. With boxes: pad (-1) or truncate to N boxes
+        per image; None pads to the largest count in each batch (1 for datasets
+        with one box per image).
+      skip_corrupt_images: skip and count corrupt images instead of failing.
+      corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+
+    Returns:
+      tf.data.Dataset of ({"image": float32 [B, S, S, 3]}, labels int32 [B]); with
+      boxes, dicts {"image": float32 [B, S, S, 3], "label": int32 [B],
+      "bbox": float32 [B, N, 4]}, boxes in the view's normalised [ymin, xmin,
+      ymax, xmax] (resized and centre-cropped like the image, clipped to [0, 1]),
+      padding rows -1.
+
+    Raises:
+      ValueError: invalid arguments, unknown or unprepared dataset, no evaluation
+        split, boxes requested from a dataset without boxes, corrupt files.
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("image_size", image_size, 1)
+    _check_int("max_boxes", max_boxes, 1, allow_none=True)
+    counter = _counter_for(skip_corrupt_images, corrupt_image_counter)
+    source = sources.resolve(dataset, data_dir, image_size)
+    info = source.info
+    if split is None:
+        split = info.eval_split
+        if split is None:
+            raise ValueError(
+                f"dataset {dataset!r} has no validation or test split (splits: "
+                f"{sorted(info.splits)}); pass split=..., e.g. 'train[90%:]' for tfds"
+            )
+    if with_boxes and not info.has_bounding_boxes:
+        raise ValueError(
+            f"with_boxes=True but dataset {dataset!r} has no bounding boxes; datasets with "
+            "boxes have a tfds BBoxFeature (e.g. cluttered_digits, caltech_birds2011)"
+        )
+    min_short_side = views.min_decoded_side(image_size, False)
+    records = source.records(
+        split, with_boxes=with_boxes, skip_corrupt_images=skip_corrupt_images,
+        counter=counter, min_short_side=min_short_side,
+    )
+    examples = _decoded_examples(
+        records, False, 0, 1, skip_corrupt_images, counter, min_short_side
+    )
+
+    def make_view(example):
+        image = example["image"]
+        view = views.deterministic_view(image, image_size)
+        label = tf.cast(example["label"], tf.int32)
+        if not with_boxes:
+            return {"image": view}, label
+        boxes = views.deterministic_view_boxes(example["bbox"], tf.shape(image), image_size)
+        if max_boxes is not None:
+            boxes = _fixed_boxes(boxes, max_boxes)
+        return {"image": view, "label": label, "bbox": boxes}
+
+    dataset_out = examples.map(make_view, num_parallel_calls=tf.data.AUTOTUNE)
+    if with_boxes and max_boxes is None:
+        dataset_out = dataset_out.padded_batch(
+            batch_size,
+            padding_values={
+                "image": tf.constant(0.0),
+                "label": tf.constant(0, tf.int32),
+                "bbox": tf.constant(-1.0),
+            },
+        )
+    else:
+        dataset_out = dataset_out.batch(batch_size)
+    return dataset_out.prefetch(tf.data.AUTOTUNE)
+
+
+def unlabeled_dataset(source, batch_size, image_size, data_dir=None, split=None, seed=0, *,
+                      shuffle_buffer=10000, skip_corrupt_images=False,
+                      corrupt_image_counter=None):
+    """Images without labels, for the semi-supervised CGC term.
+
+    Args:
+      source: "cluttered_digits", a prepared tfds name, or "folder:/root". For a
+        folder the images under root/<split> are used recursively, class folders
+        or not; split None means root/train if it exists, else root itself.
+      batch_size: int B >= 1 (incomplete last batches are dropped).
+      image_size: int S >= 1.
+      data_dir: tfds data directory (None: the tfds default).
+      split: split name; None: the train split (see `source` for folders).
+      seed: int >= 0, shuffling seed.
+      shuffle_buffer: int >= 1.
+      skip_corrupt_images: skip and count corrupt images instead of failing.
+      corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+
+    Returns:
+      tf.data.Dataset of {"image": float32 [B, S, S, 3] in [0, 1]} (the
+      deterministic view), reshuffled every epoch, not repeated.
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("image_size", image_size, 1)
+    _check_int("seed", seed, 0)
+    _check_int("shuffle_buffer", shuffle_buffer, 1)
+    counter = _counter_for(skip_corrupt_images, corrupt_image_counter)
+    resolved = sources.resolve(source, data_dir, image_size)
+    if split is None:
+        if isinstance(resolved, sources.FolderSource):
+            split = "train" if os.path.isdir(os.path.join(resolved.root, "train")) else None
+        else:
+            split = resolved.info.train_split
+    min_short_side = views.min_decoded_side(image_size, False)
+    records = resolved.records(
+        split, labeled=False, skip_corrupt_images=skip_corrupt_images, counter=counter,
+        min_short_side=min_short_side,
+    )
+    if records.num_examples < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {records.num_examples} unlabelled "
+            f"images of split {split!r} of {source!r}: no complete batch is produced"
+        )
+    examples = _decoded_examples(
+        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side
+    )
+    dataset_out = examples.map(
+        lambda example: {"image": views.deterministic_view(example["image"], image_size)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    dataset_out = dataset_out.batch(batch_size, drop_remainder=True)
+    return dataset_out.prefetch(tf.data.AUTOTUNE)
+
+
+def semi_supervised_dataset(labeled, unlabeled):
+    """Pairs labelled batches with unlabelled ones.
+
+    Args:
+      labeled: dataset of (x_l, y_l), e.g. from `train_dataset`.
+      unlabeled: dataset of x_u, e.g. from `unlabeled_dataset`.
+
+    Returns:
+      tf.data.Dataset of ((x_l, y_l), x_u). The unlabelled stream repeats, so an
+      epoch is one pass over the labelled data.
+    """
+    return tf.data.Dataset.zip((labeled, unlabeled.repeat()))

@@ -1,0 +1,1 @@
+"""The `cgc-evaluate` binary (installed as package `cgc_tf_evaluate`)."""

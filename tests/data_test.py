@@ -1,0 +1,371 @@
+"""The public tf.data builders of cgc_tf.data on the three kinds of sources."""
+
+import functools
+import io
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cgc_tf import data
+from cgc_tf.data import cluttered_digits
+from cgc_tf.data import views
+
+IMAGE_SIZE = 32
+
+
+def _temporary_directory(test):
+    # tf.test's create_tempdir needs parsed absl flags, which pytest does not do.
+    directory = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def _write_image(path, array, image_format):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, image_format)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _prepared_metadata(name, splits):
+    """A data_dir whose dataset_info.json makes `name` look prepared (for mock_data)."""
+    root = tempfile.mkdtemp()
+    builder = tfds.builder(name, data_dir=root)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in splits.items()]
+        )
+    )
+    tf.io.gfile.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    return root
+
+
+def _birds_as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    """Mock `_as_dataset` for caltech_birds2011 with valid boxes (tfds's random ones are not)."""
+    del split, kwargs
+    features = self.info.features
+    if isinstance(decoders, tfds.decode.PartialDecoding):
+        features = decoders.extract_features(features)
+        decoders = decoders.decoders
+    rng = np.random.default_rng(0)
+
+    def examples():
+        for index in range(5):
+            height = 30 + index
+            example = {
+                "image": rng.integers(0, 256, (height, 40, 3), dtype=np.uint8),
+                "label": index % 3,
+                "bbox": tfds.features.BBox(0.1, 0.2, 0.6, 0.9),
+                "image/filename": f"{index}.jpg",
+                "label_name": "bird",
+                "segmentation_mask": np.zeros((height, 40, 1), np.uint8),
+            }
+            yield features.encode_example({key: example[key] for key in features.keys()})
+
+    signature = tf.nest.map_structure(
+        lambda info: tf.TensorSpec(info.shape, info.tf_dtype), features.get_serialized_info()
+    )
+    dataset = tf.data.Dataset.from_generator(examples, output_signature=signature)
+    dataset = dataset.map(functools.partial(features.decode_example, decoders=decoders))
+    if read_config and read_config.add_tfds_id:
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.range(5))).map(
+            lambda example, index: {**example, "tfds_id": tf.strings.as_string(index)}
+        )
+    return dataset
+
+
+class ViewsTest(tf.test.TestCase):
+    def test_deterministic_view_is_resize_then_centre_crop(self):
+        rng = np.random.default_rng(0)
+        for height, width, size in ((375, 500, 64), (40, 30, 32), (3, 5, 16), (20, 20, 20)):
+            image = tf.constant(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            short = views.resize_side(size)
+            resized_height = max(size, round(height * short / min(height, width)))
+            resized_width = max(size, round(width * short / min(height, width)))
+            resized = tf.image.resize(image, [resized_height, resized_width], antialias=True)
+            top, left = (resized_height - size) // 2, (resized_width - size) // 2
+            expected = resized[top : top + size, left : left + size] / 255.0
+            self.assertAllClose(views.deterministic_view(image, size), expected, atol=1e-5)
+
+    def test_classification_view_is_seeded_and_flips_about_half(self):
+        gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3))
+        image = tf.constant(gradient)
+        first = views.classification_view(image, 16, tf.constant([5, 6]))
+        self.assertAllEqual(first, views.classification_view(image, 16, tf.constant([5, 6])))
+        flips = []
+        for seed in range(100):
+            row = views.classification_view(image, 16, tf.constant([seed, 0]))[8, :, 0].numpy()
+            self.assertTrue(np.all(np.diff(row) >= 0) or np.all(np.diff(row) <= 0))
+            flips.append(row[0] > row[-1])
+        self.assertBetween(np.mean(flips), 0.35, 0.65)
+
+
+class ClutteredDigitsTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.data_dir = tempfile.mkdtemp(prefix="cgc_data_test_")
+        cls.info = data.dataset_info("cluttered_digits", cls.data_dir, IMAGE_SIZE)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.data_dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_info(self):
+        self.assertEqual(self.info.num_classes, 10)
+        self.assertEqual(self.info.class_names, tuple(str(d) for d in range(10)))
+        self.assertEqual(self.info.splits, {"train": 5748, "test": 720})
+        self.assertEqual((self.info.train_split, self.info.eval_split), ("train", "test"))
+        self.assertTrue(self.info.has_bounding_boxes)
+
+    def test_train_batches(self):
+        dataset = data.train_dataset("cluttered_digits", 8, IMAGE_SIZE, data_dir=self.data_dir)
+        self.assertEqual(int(dataset.cardinality()), 5748 // 8)
+        features, labels = next(iter(dataset))
+        self.assertEqual(set(features), {"image", "classification_view"})
+        for key in ("image", "classification_view"):
+            self.assertEqual(features[key].dtype, tf.float32)
+            self.assertEqual(features[key].shape, (8, IMAGE_SIZE, IMAGE_SIZE, 3))
+            self.assertBetween(float(tf.reduce_min(features[key])), 0.0, 1.0)
+            self.assertBetween(float(tf.reduce_max(features[key])), 0.5, 1.0)
+        self.assertEqual(labels.dtype, tf.int32)
+        self.assertEqual(labels.shape, (8,))
+        self.assertAllInRange(labels, 0, 9)
+        self.assertGreater(
+            float(tf.reduce_mean(tf.abs(features["image"] - features["classification_view"]))), 0.02
+        )
+
+    def test_classification_view_can_be_omitted(self):
+        dataset = data.train_dataset(
+            "cluttered_digits", 4, IMAGE_SIZE, data_dir=self.data_dir, classification_view=False
+        )
+        self.assertEqual(set(dataset.element_spec[0]), {"image"})
+
+    def test_eval_order_is_deterministic_and_stored(self):
+        dataset = data.eval_dataset("cluttered_digits", 16, IMAGE_SIZE, data_dir=self.data_dir)
+        first = [(x["image"].numpy(), y.numpy()) for x, y in dataset.take(2)]
+        second = [(x["image"].numpy(), y.numpy()) for x, y in dataset.take(2)]
+        for (image_a, label_a), (image_b, label_b) in zip(first, second):
+            self.assertAllEqual(image_a, image_b)
+            self.assertAllEqual(label_a, label_b)
+        raw = cluttered_digits.load("test", data_dir=self.data_dir, image_size=IMAGE_SIZE)
+        raw_labels = [int(example["label"]) for example in raw.take(32)]
+        self.assertAllEqual(np.concatenate([label for _, label in first]), raw_labels)
+
+    def test_boxes_follow_the_deterministic_view_and_contain_the_digit(self):
+        dataset = data.eval_dataset(
+            "cluttered_digits", 8, IMAGE_SIZE, data_dir=self.data_dir, with_boxes=True
+        )
+        batch = next(iter(dataset))
+        self.assertEqual(batch["bbox"].shape, (8, 1, 4))
+        self.assertEqual(batch["label"].dtype, tf.int32)
+        boxes = batch["bbox"].numpy()[:, 0]
+        self.assertAllInRange(boxes, 0.0, 1.0)
+        self.assertTrue(np.all(boxes[:, 0] < boxes[:, 2]) and np.all(boxes[:, 1] < boxes[:, 3]))
+        # Oracle: resize 32 -> 37 (round(32 * 256 / 224)), centre crop offset 2.
+        side, offset = views.resize_side(IMAGE_SIZE), (views.resize_side(IMAGE_SIZE) - 32) // 2
+        raw = list(cluttered_digits.load("test", self.data_dir, IMAGE_SIZE).take(8))
+        for box, example in zip(boxes, raw):
+            expected = np.clip((example["bbox"].numpy() * side - offset) / IMAGE_SIZE, 0, 1)
+            self.assertAllClose(box, expected, atol=1e-6)
+            # The digit's ink, put through the same view, lies inside the box.
+            for placement in range(cluttered_digits.PLACEMENTS_PER_DIGIT["test"]):
+                rendered, ink = cluttered_digits.generate_example(
+                    "test", int(example["source_index"]), placement, IMAGE_SIZE
+                )
+                if np.array_equal(rendered["image"], example["image"].numpy()):
+                    break
+            ink_view = views.deterministic_view(np.repeat(ink[..., None] * 255, 3, -1), 32)
+            rows, columns = np.nonzero(ink_view.numpy()[..., 0] > 0.5)
+            tolerance = 1.0 / IMAGE_SIZE
+            self.assertGreater(len(rows), 0)
+            self.assertGreaterEqual((rows + 0.5).min() / 32, box[0] - tolerance)
+            self.assertLessEqual((rows + 0.5).max() / 32, box[2] + tolerance)
+            self.assertGreaterEqual((columns + 0.5).min() / 32, box[1] - tolerance)
+            self.assertLessEqual((columns + 0.5).max() / 32, box[3] + tolerance)
+
+    def test_max_boxes_pads_with_minus_one(self):
+        dataset = data.eval_dataset(
+            "cluttered_digits", 4, IMAGE_SIZE, data_dir=self.data_dir, with_boxes=True,
+            max_boxes=3,
+        )
+        boxes = next(iter(dataset))["bbox"]
+        self.assertEqual(boxes.shape, (4, 3, 4))
+        self.assertAllEqual(boxes[:, 1:], -tf.ones([4, 2, 4]))
+
+    def test_per_class_subset_is_seeded_and_reshuffled_each_epoch(self):
+        def build(seed):
+            return data.train_dataset(
+                "cluttered_digits", 20, IMAGE_SIZE, data_dir=self.data_dir, split="test",
+                examples_per_class=2, seed=seed,
+            )
+
+        def epoch(dataset):
+            (features, labels), = list(dataset)
+            return features["image"].numpy(), features["classification_view"].numpy(), labels
+
+        dataset = build(seed=3)
+        images_1, crops_1, labels_1 = epoch(dataset)
+        images_2, crops_2, labels_2 = epoch(dataset)
+        self.assertAllEqual(np.bincount(labels_1, minlength=10), [2] * 10)
+        self.assertNotAllEqual(labels_1, labels_2)  # Reshuffled...
+        self.assertAllEqual(np.sort(images_1.sum((1, 2, 3))), np.sort(images_2.sum((1, 2, 3))))
+        self.assertNotAllClose(np.sort(crops_1.sum((1, 2, 3))), np.sort(crops_2.sum((1, 2, 3))))
+        again_images, _, again_labels = epoch(build(seed=3))
+        self.assertAllEqual(again_labels, labels_1)  # ...deterministically.
+        self.assertAllEqual(again_images, images_1)
+        other_images, _, _ = epoch(build(seed=4))
+        self.assertNotAllClose(
+            np.sort(other_images.sum((1, 2, 3))), np.sort(images_1.sum((1, 2, 3)))
+        )
+
+
+class TfdsTest(tf.test.TestCase):
+    def test_mocked_mnist(self):
+        root = _prepared_metadata("mnist", {"train": 6, "test": 4})
+        self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+        with tfds.testing.mock_data(num_examples=6, data_dir=root):
+            info = data.dataset_info("mnist", data_dir=root)
+            train = data.train_dataset("mnist", 3, 16, data_dir=root)
+            evaluation = data.eval_dataset("mnist", 4, 16, data_dir=root)
+            batches = list(train)
+            eval_batches = list(evaluation)
+        self.assertEqual(info.splits, {"train": 6, "test": 4})
+        self.assertEqual((info.num_classes, info.eval_split), (10, "test"))
+        self.assertFalse(info.has_bounding_boxes)
+        self.assertLen(batches, 2)
+        features, labels = batches[0]
+        self.assertEqual(features["image"].shape, (3, 16, 16, 3))
+        self.assertEqual(labels.dtype, tf.int32)
+        # MNIST is grayscale: replicated to three equal channels.
+        self.assertAllEqual(features["image"][..., 0], features["image"][..., 2])
+        self.assertEqual(eval_batches[0][0]["image"].shape, (4, 16, 16, 3))
+        with self.assertRaisesRegex(ValueError, "no bounding boxes"):
+            with tfds.testing.mock_data(num_examples=6, data_dir=root):
+                data.eval_dataset("mnist", 4, 16, data_dir=root, with_boxes=True)
+
+    def test_mocked_caltech_birds_boxes(self):
+        root = _prepared_metadata("caltech_birds2011", {"train": 5, "test": 5})
+        self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+        with tfds.testing.mock_data(as_dataset_fn=_birds_as_dataset, data_dir=root):
+            info = data.dataset_info("caltech_birds2011", data_dir=root)
+            batches = list(data.eval_dataset("caltech_birds2011", 4, 16, root, with_boxes=True))
+        self.assertTrue(info.has_bounding_boxes)
+        self.assertEqual(info.num_classes, 200)
+        self.assertEqual([b["bbox"].shape for b in batches], [(4, 1, 4), (1, 1, 4)])
+        self.assertAllEqual(batches[0]["label"], [0, 1, 2, 0])
+        # Image 0 is 30x40: resized to 18x24 (short side round(16 * 256 / 224)),
+        # crop offset (1, 4); box (0.1, 0.2, 0.6, 0.9) -> ((1.8-1)/16, (4.8-4)/16, ...).
+        self.assertAllClose(batches[0]["bbox"][0, 0], [0.05, 0.05, 0.6125, 1.0], atol=1e-5)
+
+    def test_unprepared_dataset_error_names_data_dir_and_the_fix(self):
+        data_dir = _temporary_directory(self)
+        with self.assertRaisesRegex(ValueError, "not prepared") as context:
+            data.dataset_info("mnist", data_dir=data_dir)
+        self.assertIn(data_dir, str(context.exception))
+        self.assertIn(f"tfds build mnist --data_dir={data_dir}", str(context.exception))
+
+    def test_manual_download_dataset_error_says_where_to_put_files(self):
+        data_dir = _temporary_directory(self)
+        with self.assertRaisesRegex(ValueError, "downloads/manual"):
+            data.train_dataset("imagenet2012", 4, 16, data_dir=data_dir)
+
+    def test_unknown_dataset_name(self):
+        with self.assertRaisesRegex(ValueError, "no_such_dataset_name.*cluttered_digits.*folder:"):
+            data.dataset_info("no_such_dataset_name")
+        with self.assertRaisesRegex(ValueError, "does not exist"):
+            data.dataset_info("folder:/no/such/folder")
+
+
+class FolderTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.root = _temporary_directory(self)
+        self.value = {}
+        # Every image is one flat grey value, so views identify their source image.
+        for split, classes, count in (("train", "abc", 4), ("val", "ac", 2)):
+            for class_index, name in enumerate(classes):
+                for i in range(count):
+                    value = 10 + 40 * "abc".index(name) + 8 * i + (4 if split == "val" else 0)
+                    image_format = "PNG" if i % 2 else "JPEG"
+                    extension = "png" if i % 2 else "jpg"
+                    path = os.path.join(self.root, split, name, f"{i}.{extension}")
+                    _write_image(path, np.full((20, 20, 3), value, np.uint8), image_format)
+                    self.value[path] = value
+        self.dataset = f"folder:{self.root}"
+
+    def _values(self, images):
+        return sorted(np.round(images.numpy().mean((1, 2, 3)) * 255).astype(int).tolist())
+
+    def test_info_and_eval_uses_train_class_ids(self):
+        info = data.dataset_info(self.dataset)
+        self.assertEqual(info.class_names, ("a", "b", "c"))
+        self.assertEqual(info.splits, {"train": 12, "val": 4})
+        self.assertEqual((info.train_split, info.eval_split), ("train", "val"))
+        (features, labels), = list(data.eval_dataset(self.dataset, 8, 16))
+        self.assertAllEqual(labels, [0, 0, 2, 2])
+        self.assertEqual(self._values(features["image"]), [14, 22, 94, 102])
+
+    def test_train_epoch(self):
+        batches = list(data.train_dataset(self.dataset, 4, 16, seed=1))
+        self.assertLen(batches, 3)
+        labels = np.concatenate([labels for _, labels in batches])
+        self.assertAllEqual(np.sort(labels), [0] * 4 + [1] * 4 + [2] * 4)
+        images = tf.concat([features["image"] for features, _ in batches], 0)
+        expected = sorted(value for path, value in self.value.items() if "train" in path)
+        self.assertEqual(self._values(images), expected)
+
+    def test_examples_per_class(self):
+        def subset(seed):
+            (features, labels), = list(
+                data.train_dataset(self.dataset, 6, 16, examples_per_class=2, seed=seed)
+            )
+            self.assertAllEqual(np.bincount(labels.numpy()), [2, 2, 2])
+            return self._values(features["image"])
+
+        self.assertEqual(subset(0), subset(0))
+        self.assertNotEqual(subset(0), subset(1))
+        with self.assertRaisesRegex(ValueError, "examples_per_class=5.*class 'a'.*only 4"):
+            data.train_dataset(self.dataset, 4, 16, examples_per_class=5)
+
+    def test_semi_supervised_zips_a_repeated_unlabeled_stream(self):
+        labeled = data.train_dataset(self.dataset, 4, 16, classification_view=False)
+        unlabeled = data.unlabeled_dataset(self.dataset, 2, 16, split="val")
+        elements = list(data.semi_supervised_dataset(labeled, unlabeled))
+        self.assertLen(elements, 3)  # The labelled epoch; the 2 unlabelled batches repeat.
+        (x_labeled, y_labeled), x_unlabeled = elements[2]
+        self.assertEqual(x_labeled["image"].shape, (4, 16, 16, 3))
+        self.assertEqual(y_labeled.shape, (4,))
+        self.assertEqual(set(x_unlabeled), {"image"})
+        self.assertEqual(x_unlabeled["image"].shape, (2, 16, 16, 3))
+
+    def test_unlabeled_flat_folder(self):
+        flat = _temporary_directory(self)
+        for i in range(3):
+            _write_image(os.path.join(flat, f"{i}.png"), np.full((9, 7, 3), 50, np.uint8), "PNG")
+        batches = list(data.unlabeled_dataset(f"folder:{flat}", 2, 16))
+        self.assertLen(batches, 1)
+        self.assertAllClose(batches[0]["image"], tf.fill([2, 16, 16, 3], 50 / 255), atol=1e-6)
+
+    def test_argument_errors_name_the_argument(self):
+        with self.assertRaisesRegex(ValueError, "batch_size=13 is larger than the 12 examples"):
+            data.train_dataset(self.dataset, 13, 16)
+        with self.assertRaisesRegex(ValueError, "image_size=0 must be an integer >= 1"):
+            data.train_dataset(self.dataset, 4, 0)
+        with self.assertRaisesRegex(ValueError, "split='nope'"):
+            data.eval_dataset(self.dataset, 4, 16, split="nope")
+        shutil.rmtree(os.path.join(self.root, "val"))
+        with self.assertRaisesRegex(ValueError, "no validation or test split"):
+            data.eval_dataset(self.dataset, 4, 16)
+
+
+if __name__ == "__main__":
+    tf.test.main()

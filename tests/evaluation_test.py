@@ -1,0 +1,325 @@
+"""Tests for cgc_tf.evaluation on a tiny model and a tiny in-memory dataset."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import cgc_tf
+from cgc_tf import evaluation
+from cgc_tf import metrics
+from tests import testing_models
+
+IMAGE_SIZE = 16
+NUM_IMAGES = 6
+STEPS = 4
+
+
+def tiny_dataset(with_boxes=True, batch_size=4, num_images=NUM_IMAGES):
+    rng = np.random.default_rng(0)
+    elements = {
+        "image": rng.uniform(size=(num_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        "label": (np.arange(num_images) % 3).astype(np.int32),
+    }
+    if with_boxes:
+        boxes = np.full((num_images, 2, 4), -1.0, np.float32)
+        boxes[:, 0] = [0.1, 0.2, 0.6, 0.9]
+        boxes[::2, 1] = [0.5, 0.5, 1.0, 1.0]
+        elements["bbox"] = boxes
+    return tf.data.Dataset.from_tensor_slices(elements).batch(batch_size)
+
+
+def tiny_model(seed=0):
+    return cgc_tf.CGCModel(testing_models.tiny_convnet(image_size=IMAGE_SIZE, seed=seed))
+
+
+class EvaluateModelTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tiny_model()
+        cls.other = tiny_model(seed=1)
+        cls.results = evaluation.evaluate_model(
+            cls.model, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+
+    def test_all_keys_with_sane_ranges(self):
+        results = self.results
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertIn(metric, results)
+            self.assertIn(f"{metric}_count", results)
+        self.assertEqual(results["num_images"], NUM_IMAGES)
+        self.assertEqual(results["accuracy_count"], NUM_IMAGES)
+        self.assertEqual(
+            results["content_heatmap_percent_count"] + results["content_heatmap_skipped"],
+            NUM_IMAGES,
+        )
+        for metric in ("accuracy", "pointing_game", "insertion_auc", "deletion_auc"):
+            self.assertBetween(results[metric], 0.0, 1.0)
+        self.assertBetween(results["content_heatmap_percent"], 0.0, 100.0)
+        for metric in ("consistency_cosine", "consistency_pearson"):
+            self.assertBetween(results[metric], -1.0, 1.0)
+        json.dumps(results)  # serialisable as metrics.json
+
+    def test_matches_the_metric_functions(self):
+        batch = next(iter(tiny_dataset(batch_size=NUM_IMAGES)))
+        explained = self.model.explain(batch["image"], class_index=batch["label"])
+        percent, valid = metrics.content_heatmap(explained["heatmap"], batch["bbox"])
+        expected_ch = float(np.mean(percent.numpy()[valid.numpy()]))
+        logits = self.model(batch["image"])
+        expected_accuracy = float(np.mean(metrics.top1_accuracy(logits, batch["label"])))
+        self.assertAllClose(self.results["content_heatmap_percent"], expected_ch, rtol=1e-5)
+        self.assertAllClose(self.results["accuracy"], expected_accuracy)
+
+    def test_without_boxes_box_metrics_are_none(self):
+        results = evaluation.evaluate_model(
+            self.model, tiny_dataset(with_boxes=False), auc_steps=STEPS, progress=False
+        )
+        self.assertIsNone(results["content_heatmap_percent"])
+        self.assertEqual(results["pointing_game_count"], 0)
+        self.assertEqual(results["num_images"], NUM_IMAGES)
+        self.assertAllClose(results["insertion_auc"], self.results["insertion_auc"], atol=1e-6)
+
+    def test_max_images_and_max_batches(self):
+        limited = evaluation.evaluate_model(
+            self.model, tiny_dataset(), auc_steps=STEPS, max_images=5, progress=False
+        )
+        self.assertEqual(limited["num_images"], 5)
+        one_batch = evaluation.evaluate_model(
+            self.model, tiny_dataset(), auc_steps=STEPS, max_batches=1, progress=True
+        )
+        self.assertEqual(one_batch["num_images"], 4)
+
+    def test_same_seed_same_results_and_plain_classifier_accepted(self):
+        again = evaluation.evaluate_model(
+            self.model.backbone, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertAllClose(again[metric], self.results[metric], atol=1e-6, msg=metric)
+
+    def test_plain_classifier_with_another_target_layer(self):
+        explainer = evaluation.Explainer(self.model.backbone, target_layer="conv1")
+        self.assertEqual(explainer.model.target_layer, "conv1")
+        results = evaluation.evaluate_model(
+            explainer, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        self.assertAllClose(results["accuracy"], self.results["accuracy"])
+        self.assertNotAllClose(
+            results["content_heatmap_percent"], self.results["content_heatmap_percent"]
+        )
+        with self.assertRaisesRegex(ValueError, "target_layer"):
+            evaluation.Explainer(self.model, target_layer="conv1")
+
+    def test_compare_uses_the_same_images_and_transforms(self):
+        comparison = evaluation.compare_models(
+            self.model, self.other, tiny_dataset(), names=("a", "b"), auc_steps=STEPS,
+            progress=False,
+        )
+        other_alone = evaluation.evaluate_model(
+            self.other, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertAllClose(comparison["models"]["a"][metric], self.results[metric], atol=1e-6)
+            self.assertAllClose(comparison["models"]["b"][metric], other_alone[metric], atol=1e-6)
+        cosine = comparison["difference"]["consistency_cosine"]
+        self.assertAllClose(
+            cosine["mean"], other_alone["consistency_cosine"] - self.results["consistency_cosine"]
+        )
+        self.assertEqual(cosine["count"], NUM_IMAGES)
+        table = evaluation.comparison_table(comparison)
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertIn(metric, table)
+
+    def test_comparing_a_model_with_itself_ties(self):
+        comparison = evaluation.compare_models(
+            self.model, self.model, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        for metric, difference in comparison["difference"].items():
+            self.assertEqual(difference["better"], "tie", metric)
+            self.assertAllClose(difference["mean"], 0.0)
+
+    def test_readable_errors(self):
+        big = cgc_tf.CGCModel(testing_models.tiny_convnet(image_size=32))
+        with self.assertRaisesRegex(ValueError, "image_size"):
+            evaluation.evaluate_model(big, tiny_dataset(), auc_steps=STEPS, progress=False)
+        with self.assertRaisesRegex(ValueError, "bbox"):
+            evaluation.evaluate_model(
+                self.model, tf.data.Dataset.from_tensors({"pixels": tf.zeros([1])}), progress=False
+            )
+        two_classes = cgc_tf.CGCModel(testing_models.tiny_convnet(IMAGE_SIZE, num_classes=2))
+        with self.assertRaisesRegex(ValueError, "2 classes"):
+            evaluation.evaluate_model(two_classes, tiny_dataset(), progress=False)
+        with self.assertRaisesRegex(ValueError, "max_images"):
+            evaluation.evaluate_model(self.model, tiny_dataset(), max_images=0, progress=False)
+        with self.assertRaisesRegex(ValueError, "model"):
+            evaluation.evaluate_model("model.keras", tiny_dataset(), progress=False)
+
+
+class GridAndLoadingTest(tf.test.TestCase):
+    def _directory(self):
+        # tempfile rather than create_tempdir, which needs absl flags parsed.
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return directory
+
+    def test_grid_explanations_are_consistent_with_the_metric(self):
+        model = tiny_model()
+        images = next(iter(tiny_dataset()))["image"]
+        transformed, explanations = evaluation.grid_explanations({"m": model}, images)
+        cosine, _ = metrics.consistency(model, images, seed=0)
+        self.assertAllClose(explanations["m"]["cosine"], cosine, atol=1e-5)
+        self.assertEqual(transformed.shape, images.shape)
+        self.assertEqual(explanations["m"]["warped_heatmap"].shape, (4, IMAGE_SIZE, IMAGE_SIZE))
+
+    def test_save_grid_one_and_two_models(self):
+        directory = self._directory()
+        images = next(iter(tiny_dataset()))["image"][:2]
+        single = evaluation.save_grid(
+            os.path.join(directory, "one.png"), {"m": tiny_model()}, images
+        )
+        double = evaluation.save_grid(
+            os.path.join(directory, "two.png"),
+            {"a": tiny_model(), "b": tiny_model(seed=1)},
+            images,
+            labels=[0, 1],
+        )
+        with Image.open(single) as one, Image.open(double) as two:
+            self.assertGreater(two.width, one.width)
+
+    def test_load_model_from_file_and_model_dir(self):
+        directory = self._directory()
+        model = tiny_model()
+        model.save(os.path.join(directory, "model.keras"))
+        with open(os.path.join(directory, "config.json"), "w") as file:
+            json.dump({"dataset": "cluttered_digits", "image_size": IMAGE_SIZE}, file)
+        images = next(iter(tiny_dataset()))["image"]
+        for path in (directory, os.path.join(directory, "model.keras")):
+            loaded = evaluation.load_model(path)
+            self.assertIsInstance(loaded, cgc_tf.CGCModel)
+            self.assertAllClose(
+                loaded.explain(images)["heatmap"], model.explain(images)["heatmap"], atol=1e-6
+            )
+            self.assertEqual(evaluation.read_model_dir_config(path)["image_size"], IMAGE_SIZE)
+        with self.assertRaisesRegex(ValueError, "model.keras"):
+            evaluation.load_model(self._directory())
+        with self.assertRaisesRegex(ValueError, "neither"):
+            evaluation.load_model(os.path.join(directory, "missing.h5"))
+        self.assertEqual(evaluation.read_model_dir_config(self._directory()), {})
+
+    def test_saved_model_from_cgc_export_gives_the_same_metrics(self):
+        from cgc_tf import export
+
+        directory = self._directory()
+        model = tiny_model()
+        export.export_model(model, directory, version=3, formats=("saved_model",))
+        loaded = evaluation.load_model(directory)  # picks the highest version
+        self.assertIsInstance(loaded, evaluation.SavedModelExplainer)
+        self.assertEqual(loaded.image_size, (IMAGE_SIZE, IMAGE_SIZE))
+        exported = evaluation.evaluate_model(
+            loaded, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        reference = evaluation.evaluate_model(
+            model, tiny_dataset(), auc_steps=STEPS, progress=False
+        )
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertAllClose(exported[metric], reference[metric], atol=1e-4, msg=metric)
+
+
+def _run_binary(*flags):
+    """Runs `python -m evaluate.main` from the repository root; returns the process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    return subprocess.run(
+        [sys.executable, "-m", "evaluate.main", *flags],
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+class EvaluateBinaryTest(tf.test.TestCase):
+    """cgc-evaluate end to end on tiny saved models and cluttered_digits at 32x32."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        from cgc_tf.data import cluttered_digits
+
+        cls.root = tempfile.mkdtemp(prefix="cgc_evaluate_")
+        cls.data_dir = os.path.join(cls.root, "tfds")
+        # Prepared once here rather than in each subprocess.
+        cluttered_digits.builder(data_dir=cls.data_dir, image_size=32)
+        cls.model_dirs = []
+        for name, seed in (("cgc", 0), ("baseline", 1)):
+            model_dir = os.path.join(cls.root, name)
+            os.makedirs(model_dir)
+            backbone = testing_models.tiny_convnet(image_size=32, num_classes=10, seed=seed)
+            cgc_tf.CGCModel(backbone).save(os.path.join(model_dir, "model.keras"))
+            with open(os.path.join(model_dir, "config.json"), "w") as file:
+                json.dump({"dataset": "cluttered_digits", "data_dir": cls.data_dir}, file)
+            cls.model_dirs.append(model_dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_one_model_writes_metrics_and_grid_to_the_model_dir(self):
+        model_dir = self.model_dirs[0]
+        process = _run_binary(
+            f"--model={model_dir}", "--dataset=cluttered_digits", "--image_size=32",
+            "--max_images=16", "--batch_size=8", "--auc_steps=4", "--grid_images=3",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+        with open(os.path.join(model_dir, "metrics.json")) as file:
+            results = json.load(file)
+        self.assertEqual(results["num_images"], 16)
+        self.assertBetween(results["content_heatmap_percent"], 0.0, 100.0)
+        self.assertEqual(results["pointing_game_count"], 16)
+        self.assertFalse(os.path.exists(os.path.join(model_dir, "comparison.json")))
+        with Image.open(os.path.join(model_dir, "grid.png")) as grid:
+            self.assertEqual(grid.format, "PNG")
+
+    def test_compare_writes_the_comparison_table(self):
+        output_dir = os.path.join(self.root, "comparison")
+        process = _run_binary(
+            f"--model={self.model_dirs[0]}/model.keras", f"--compare={self.model_dirs[1]}",
+            "--max_images=16", "--batch_size=8", "--auc_steps=4", "--grid_images=2",
+            f"--output_dir={output_dir}",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+        with open(os.path.join(output_dir, "comparison.json")) as file:
+            comparison = json.load(file)
+        self.assertEqual(sorted(comparison["models"]), ["baseline", "cgc"])
+        self.assertIn("consistency_cosine", comparison["difference"])
+        self.assertIn("difference", process.stdout)
+        for metric in evaluation.PER_IMAGE_METRICS:
+            self.assertIn(metric, process.stdout)
+        for name in ("metrics.json", "grid.png"):
+            self.assertTrue(os.path.isfile(os.path.join(output_dir, name)), name)
+
+    def test_bad_flags_give_readable_errors(self):
+        process = _run_binary(f"--model={self.root}/missing", "--dataset=cluttered_digits")
+        self.assertNotEqual(process.returncode, 0)
+        self.assertIn("does not exist", process.stderr)
+        process = _run_binary(f"--model={self.model_dirs[0]}", "--auc_steps=0")
+        self.assertNotEqual(process.returncode, 0)
+        self.assertIn("auc_steps", process.stderr)
+        process = _run_binary(f"--model={self.root}", "--dataset=cluttered_digits")
+        self.assertNotEqual(process.returncode, 0)
+        self.assertIn("model.keras", process.stderr)
+
+
+if __name__ == "__main__":
+    tf.test.main()
