@@ -35,13 +35,15 @@ setup(
         "absl-py>=2.0,<3",
         "onnx>=1.16,<1.24",
         "tf2onnx>=1.16,<1.18",
+        # Export verifies the ONNX model it writes, so the runtime is a core dependency.
+        "onnxruntime>=1.18,<1.33",
         "numpy>=1.26",
         "scikit-learn>=1.3",
         "pillow>=10",
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "onnxruntime>=1.18,<1.33", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16,<2.22"],
     },
     entry_points={

@@ -1,0 +1,760 @@
+"""Export a `CGCModel` for serving: a SavedModel (TF Serving layout) and ONNX, verified.
+
+`export_model(model, export_dir, version=1)` writes
+
+  export_dir/<version>/                     SavedModel, signatures below
+  export_dir/<version>/assets.extra/metadata.json
+  export_dir/model.onnx                     the `explain` function (float input)
+  export_dir/export_report.json             verification, names, shapes, versions
+
+SavedModel signatures (inputs -> outputs; see `cgc_tf.serving` for the exact
+preprocessing and the NaN / bad-bytes policy):
+
+  serving_default      images                    -> probabilities, class_id
+  explain              images                    -> probabilities, class_id, heatmap
+  explain_class        images, class_index       -> probabilities, class_id, heatmap
+  serving_bytes        image_bytes               -> probabilities, class_id, valid
+  explain_bytes        image_bytes               -> ..., heatmap, valid
+  explain_bytes_class  image_bytes, class_index  -> ..., heatmap, valid
+  metadata             (none)                    -> metadata_json
+
+The artefacts are first written to a hidden staging folder of `export_dir`
+(TF Serving ignores non-numeric names), loaded back (tf.saved_model.load,
+onnxruntime) and compared with the Keras model on seeded inputs; only then are
+they moved into place, so a server watching `export_dir` never sees a
+half-written or unverified version.
+
+Tolerance: probabilities are compared in absolute terms; heatmaps, whose scale
+is arbitrary (it follows the logits' scale), relative to the largest reference
+heatmap value of the batch (absolute below 1e-6). The reference is
+`CGCModel.explain`, the GradientTape Grad-CAM, also when the export uses the
+closed form. A class_id may differ from the reference only where the two
+largest reference probabilities are closer than the tolerance (a near tie);
+heatmaps are compared on the rows whose class_id agrees.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cgc_tf
+from cgc_tf import serving
+from cgc_tf.model import CGCModel
+
+SAVED_MODEL = "saved_model"
+ONNX = "onnx"
+FORMATS = (SAVED_MODEL, ONNX)
+DEFAULT_OPSET = 17
+# Oldest opset accepted: Resize with half-pixel coordinates and Einsum behave as
+# TensorFlow's from opset 13 on; the newest is what tf2onnx supports.
+MIN_OPSET = 13
+DEFAULT_TOLERANCE = 1e-4
+MODEL_FILENAME = "model.keras"
+CONFIG_FILENAME = "config.json"
+ONNX_FILENAME = "model.onnx"
+REPORT_FILENAME = "export_report.json"
+METADATA_FILENAME = "metadata.json"
+METADATA_SIGNATURE = "metadata"
+VERIFICATION_BATCH_SIZES = (1, 3)
+VERIFICATION_SEED = 0
+HEATMAP_SCALE_FLOOR = 1e-6
+# Appended to the encoded verification batch: must come back valid=False.
+INVALID_IMAGE_BYTES = b"not an image"
+PREPROCESSING = {
+    "images": (
+        "float32 [B, H, W, 3] RGB in [0, 1]; NaN -> 0, then clipped to [0, 1]; resized "
+        "bilinearly (no antialiasing, aspect not kept) to image_size x image_size when H, W "
+        "differ; heatmap returned at H x W"
+    ),
+    "image_bytes": (
+        "string [B] of encoded JPEG/PNG (GIF/BMP/WebP also decode); decoded to RGB as the "
+        "evaluation pipeline does (JPEG: accurate IDCT, DCT downscaling down to the view's "
+        "short side), short side resized to round(image_size * 256 / 224) (bilinear, "
+        "antialiased), centre crop image_size x image_size, scaled to [0, 1]; heatmap over "
+        "that crop; undecodable elements give valid=false, class_id=-1, zero probabilities "
+        "and heatmap"
+    ),
+    "class_index": "int32 [B]: class to explain per image, -1 = the predicted class",
+}
+
+
+class VerificationError(RuntimeError):
+    """The exported artefacts disagree with the Keras model; `report` has the numbers."""
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
+# ------------------------------------------------------------------ loading
+def load_model(model_path):
+    """Loads a trained `CGCModel` from a `.keras` file or a training model_dir.
+
+    Args:
+      model_path: a `.keras` file, or a directory holding `model.keras` (the
+        layout written by training, see docs/architecture.md).
+
+    Returns:
+      The `CGCModel`.
+
+    Raises:
+      ValueError: if the path is neither, or does not hold a `CGCModel`.
+    """
+    path = os.fspath(model_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILENAME)
+    if not (path.endswith(".keras") and os.path.isfile(path)):
+        raise ValueError(
+            f"model_path={os.fspath(model_path)!r} must be a '.keras' file or a model_dir "
+            f"containing {MODEL_FILENAME!r}; no such file {path!r}"
+        )
+    model = keras.saving.load_model(path)
+    if not isinstance(model, CGCModel):
+        raise ValueError(
+            f"model_path={path!r} holds a {type(model).__name__}, not a cgc_tf.CGCModel; wrap "
+            "a classifier with cgc_tf.CGCModel(backbone, target_layer=...) before saving it"
+        )
+    return model
+
+
+def read_class_names(path):
+    """Class names from a text file, one per line (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def default_export_dir(model_path):
+    """`<model_dir>/export` for a model_dir, `<folder of the file>/export` for a .keras file."""
+    path = os.fspath(model_path)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, "export")
+
+
+def export_from_path(
+    model_path,
+    export_dir=None,
+    class_names_file=None,
+    version=1,
+    formats=FORMATS,
+    opset=DEFAULT_OPSET,
+    onnx_batch_size=None,
+    tolerance=DEFAULT_TOLERANCE,
+    overwrite=False,
+):
+    """Loads a trained model and exports it: the library side of `cgc-export`.
+
+    Args:
+      model_path: a `.keras` file or a training model_dir (see `load_model`).
+      export_dir: destination; default `default_export_dir(model_path)`.
+      class_names_file: optional text file with one class name per line.
+      version, formats, opset, onnx_batch_size, tolerance, overwrite: as
+        `export_model`.
+
+    Returns:
+      The export report (dict), as written to export_report.json. The metadata
+      records the source path and, for a model_dir, its config.json.
+    """
+    model = load_model(model_path)
+    class_names = read_class_names(class_names_file) if class_names_file else None
+    extra = {"source": os.path.abspath(os.fspath(model_path))}
+    config_path = os.path.join(os.fspath(model_path), CONFIG_FILENAME)
+    if os.path.isdir(os.fspath(model_path)) and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            extra["training_config"] = json.load(f)
+    return export_model(
+        model,
+        export_dir or default_export_dir(model_path),
+        version=version,
+        class_names=class_names,
+        formats=formats,
+        opset=opset,
+        onnx_batch_size=onnx_batch_size,
+        tolerance=tolerance,
+        overwrite=overwrite,
+        extra_metadata=extra,
+    )
+
+
+# ------------------------------------------------------------------- export
+def export_model(
+    model,
+    export_dir,
+    version=1,
+    class_names=None,
+    formats=FORMATS,
+    opset=DEFAULT_OPSET,
+    onnx_batch_size=None,
+    tolerance=DEFAULT_TOLERANCE,
+    overwrite=False,
+    extra_metadata=None,
+):
+    """Exports `model` as a SavedModel and ONNX, verifies both, writes the report.
+
+    Args:
+      model: a built `cgc_tf.CGCModel`.
+      export_dir: destination folder (created if needed).
+      version: SavedModel version, an int >= 0 (TF Serving's `<dir>/<version>/`).
+      class_names: list of K strings; default "0" ... "K-1".
+      formats: any of ("saved_model", "onnx").
+      opset: ONNX opset, in [13, the newest tf2onnx supports].
+      onnx_batch_size: static batch size of the ONNX model. Required when the
+        heatmap needs the GradientTape (the target layer does not feed global
+        pooling + dense): tf2onnx cannot convert its gradient ops with a dynamic
+        batch. None (the default) keeps the batch dynamic for the closed form.
+      tolerance: largest accepted difference from the Keras model (absolute for
+        probabilities, relative to the heatmaps' maximum for heatmaps).
+      overwrite: replace an existing `<version>` folder.
+      extra_metadata: optional JSON-serialisable dict stored in the metadata
+        under "extra" (e.g. the training config).
+
+    Returns:
+      The report (dict) also written to `export_dir/export_report.json`.
+
+    Raises:
+      ValueError: on invalid arguments, or an ONNX conversion that produced ops
+        onnxruntime cannot run.
+      FileExistsError: if `<version>` exists and `overwrite` is False.
+      VerificationError: if an artefact differs from the model by more than
+        `tolerance` (nothing is moved into `export_dir` then; the report with
+        "passed": false is still written).
+    """
+    functions = _checked_functions(model)
+    formats = tuple(formats)
+    class_names = _check_arguments(
+        functions, version, class_names, formats, opset, onnx_batch_size, tolerance
+    )
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    version_dir = os.path.join(export_dir, str(version))
+    if SAVED_MODEL in formats and os.path.exists(version_dir) and not overwrite:
+        raise FileExistsError(
+            f"{version_dir!r} already exists; choose another version (got version={version}) "
+            "or pass overwrite=True"
+        )
+    metadata = _metadata(model, functions, class_names, version, formats, extra_metadata)
+    os.makedirs(export_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".staging-{version}-", dir=export_dir)
+    try:
+        report = _export_and_verify(
+            model, functions, metadata, staging, formats, opset, onnx_batch_size, tolerance
+        )
+        report.update(export_dir=export_dir, version=version)
+        if not report["passed"]:
+            _write_json(os.path.join(export_dir, REPORT_FILENAME), report)
+            raise VerificationError(_failure_message(report, tolerance), report)
+        if SAVED_MODEL in formats:
+            if os.path.exists(version_dir):
+                shutil.rmtree(version_dir)
+            os.rename(os.path.join(staging, SAVED_MODEL), version_dir)
+            report["saved_model_dir"] = version_dir
+        if ONNX in formats:
+            onnx_path = os.path.join(export_dir, ONNX_FILENAME)
+            os.replace(os.path.join(staging, ONNX_FILENAME), onnx_path)
+            report["onnx_path"] = onnx_path
+        _write_json(os.path.join(export_dir, REPORT_FILENAME), report)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _checked_functions(model):
+    if not isinstance(model, CGCModel):
+        raise ValueError(
+            f"model must be a cgc_tf.CGCModel, got {type(model).__name__}; wrap a classifier "
+            "with cgc_tf.CGCModel(backbone, target_layer=...)"
+        )
+    return serving.ServingFunctions(model)
+
+
+def _max_opset():
+    from tf2onnx import constants  # Imported here: only the ONNX path needs tf2onnx.
+
+    return max(constants.OPSET_TO_IR_VERSION)
+
+
+def _check_arguments(functions, version, class_names, formats, opset, batch_size, tolerance):
+    """Validates every argument at once; returns the class names to use."""
+    errors = []
+    num_classes = functions.num_classes
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 0):
+        errors.append(f"version={version!r} must be an integer >= 0 (TF Serving's version folder)")
+    if not formats or any(f not in FORMATS for f in formats):
+        errors.append(f"formats={formats!r} must be a non-empty subset of {FORMATS}")
+    if ONNX in formats:
+        maximum = _max_opset()
+        if not (isinstance(opset, int) and MIN_OPSET <= opset <= maximum):
+            errors.append(f"opset={opset!r} must be an integer in [{MIN_OPSET}, {maximum}]")
+        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+            errors.append(f"onnx_batch_size={batch_size!r} must be an integer >= 1 or None")
+        if batch_size is None and not functions.closed_form:
+            errors.append(
+                "onnx_batch_size is required: the target layer "
+                f"{functions.model.target_layer!r} does not feed global-average-pooling + "
+                "dense, so heatmaps use the GradientTape Grad-CAM, whose gradient ops tf2onnx "
+                "converts only with a static batch; pass onnx_batch_size=N (--onnx_batch_size) "
+                "or formats=('saved_model',)"
+            )
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        errors.append(f"tolerance={tolerance!r} must be a number > 0")
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    elif len(class_names) != num_classes or not all(
+        isinstance(name, str) and name for name in class_names
+    ):
+        errors.append(
+            f"class_names must be {num_classes} non-empty strings (one per logit); got "
+            f"{len(class_names)}: {list(class_names)[:5]}..."
+        )
+    if errors:
+        raise ValueError("Invalid export arguments:\n" + "\n".join(f"  - {e}" for e in errors))
+    return list(class_names)
+
+
+def _metadata(model, functions, class_names, version, formats, extra_metadata):
+    metadata = {
+        "cgc_tf_version": cgc_tf.__version__,
+        "model_name": model.name,
+        "backbone": model.backbone.name,
+        "class_names": class_names,
+        "num_classes": functions.num_classes,
+        "image_size": functions.image_size,
+        "target_layer": model.target_layer,
+        "heatmap_method": "closed_form" if functions.closed_form else "gradient_tape",
+        "preprocessing": PREPROCESSING,
+        "version": version,
+        "signatures": sorted(functions.signatures()) + [METADATA_SIGNATURE],
+        "formats": list(formats),
+    }
+    if extra_metadata is not None:
+        metadata["extra"] = extra_metadata
+    # Fails here, before any writing, if extra_metadata is not JSON-serialisable.
+    json.dumps(metadata)
+    return metadata
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_saved_model(functions, metadata, path):
+    """Writes the SavedModel with every signature and assets.extra/metadata.json.
+
+    Args:
+      functions: `cgc_tf.serving.ServingFunctions`.
+      metadata: JSON-serialisable dict, also returned by the `metadata` signature.
+      path: destination folder (must not exist).
+    """
+    # keras.export.ExportArchive tracks exactly the Keras variables the
+    # functions use and writes every endpoint as a signature.
+    archive = keras.export.ExportArchive()
+    archive.track(functions.backbone)
+    for name, (function, specs) in functions.signatures().items():
+        archive.add_endpoint(name, function, input_signature=specs)
+    metadata_json = json.dumps(metadata, sort_keys=True)
+    archive.add_endpoint(
+        METADATA_SIGNATURE,
+        lambda: {"metadata_json": tf.constant(metadata_json)},
+        input_signature=[],
+    )
+    archive.write_out(path, verbose=False)
+    extra = os.path.join(path, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    _write_json(os.path.join(extra, METADATA_FILENAME), metadata)
+
+
+def write_onnx(
+    functions, metadata, path, opset=DEFAULT_OPSET, batch_size=None, signature="explain"
+):
+    """Converts a float-input serving function to ONNX with tf2onnx.
+
+    Args:
+      functions: `cgc_tf.serving.ServingFunctions`.
+      metadata: dict stored as the model's metadata_props (non-strings as JSON).
+      path: the .onnx file to write.
+      opset: ONNX opset.
+      batch_size: static batch size, or None for a dynamic batch.
+      signature: "explain" (what `export_model` writes) or "serving_default"
+        (probabilities and class_id only).
+
+    Raises:
+      ValueError: if the converted graph holds ops that ONNX does not define
+        (tf2onnx leaves unconvertible TensorFlow ops in place instead of failing).
+    """
+    import onnx  # Imported here: only the ONNX path needs onnx and tf2onnx.
+    import tf2onnx
+
+    # Same Python function as the SavedModel signature; ONNX declares 3 channels
+    # so onnxruntime itself rejects other counts (tf2onnx drops Assert ops).
+    float_functions = {"explain": functions.explain, "serving_default": functions.predict}
+    if signature not in float_functions:
+        raise ValueError(f"signature={signature!r} must be one of {sorted(float_functions)}")
+    function = tf.function(
+        float_functions[signature],
+        input_signature=[serving.float_spec(batch_size, channels=3)],
+        autograph=False,
+    )
+    concrete = function.get_concrete_function()
+    # tf2onnx.convert.from_function declares every non-variable capture of the
+    # function (e.g. the Normalization layer's mean) as an extra ONNX input, so
+    # freeze first and name only the real arguments as inputs.
+    arguments = len(tf.nest.flatten(concrete.structured_input_signature))
+    input_names = [tensor.name for tensor in concrete.inputs[:arguments]]
+    output_names = [tensor.name for tensor in concrete.outputs]
+    graph_def = tf2onnx.tf_loader.from_function(concrete, input_names, output_names)
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def,
+        name=concrete.name,
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
+        tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(
+            concrete, input_names, output_names
+        ),
+    )
+    unsupported = sorted(
+        {
+            node.op_type
+            for node in proto.graph.node
+            if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+        }
+    )
+    if unsupported:
+        raise ValueError(
+            f"tf2onnx could not convert the TensorFlow ops {unsupported} of the "
+            f"{metadata['heatmap_method']} heatmap of target_layer="
+            f"{metadata['target_layer']!r} (opset={opset}, onnx_batch_size={batch_size}); "
+            "export with formats=('saved_model',) or choose a target layer feeding "
+            "global-average-pooling + dense"
+        )
+    props = {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        for key, value in metadata.items()
+    }
+    props["onnx_batch_size"] = "dynamic" if batch_size is None else str(batch_size)
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, path)
+
+
+# ------------------------------------------------------------- verification
+def _export_and_verify(model, functions, metadata, staging, formats, opset, batch_size, tolerance):
+    report = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(formats),
+        "closed_form": functions.closed_form,
+        "heatmap_method": metadata["heatmap_method"],
+        "image_size": functions.image_size,
+        "num_classes": functions.num_classes,
+        "class_names": metadata["class_names"],
+        "target_layer": metadata["target_layer"],
+        "formats": list(formats),
+        "tolerance": tolerance,
+        "tolerance_semantics": (
+            "probabilities: max absolute difference; heatmap: max absolute difference / "
+            f"max(largest reference heatmap value, {HEATMAP_SCALE_FLOOR}), over the rows whose "
+            "class_id agrees; class_id may differ only on near ties (top-2 reference "
+            "probabilities closer than the tolerance)"
+        ),
+        "verification_batch_sizes": list(VERIFICATION_BATCH_SIZES),
+        "verification_seed": VERIFICATION_SEED,
+        "failures": [],
+    }
+    saved_model_path = os.path.join(staging, SAVED_MODEL)
+    onnx_path = os.path.join(staging, ONNX_FILENAME)
+    # ONNX first: its conversion fails fast on unconvertible heads.
+    if ONNX in formats:
+        write_onnx(functions, metadata, onnx_path, opset, batch_size)
+    if SAVED_MODEL in formats:
+        write_saved_model(functions, metadata, saved_model_path)
+        report["saved_model"] = _verify_saved_model(
+            saved_model_path, model, functions, metadata, tolerance
+        )
+        report["failures"] += report["saved_model"].pop("failures")
+    if ONNX in formats:
+        report["onnx"] = _verify_onnx(onnx_path, model, functions, batch_size, tolerance)
+        report["onnx"].update(
+            opset=opset, batch_size="dynamic" if batch_size is None else batch_size
+        )
+        report["failures"] += report["onnx"].pop("failures")
+    report["passed"] = not report["failures"]
+    return report
+
+
+def _versions(formats):
+    versions = {
+        "cgc_tf": cgc_tf.__version__,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+    if ONNX in formats:
+        import onnx
+        import onnxruntime
+        import tf2onnx
+
+        versions.update(
+            onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, tf2onnx=tf2onnx.__version__
+        )
+    return versions
+
+
+def _verification_inputs(functions, batch_sizes):
+    """Seeded float images and their PNG encodings, one entry per batch size."""
+    rng = np.random.default_rng(VERIFICATION_SEED)
+    size = functions.image_size
+    cases = []
+    for batch_size in batch_sizes:
+        # Quantised to 8 bits so the PNG round trip is exact.
+        pixels = rng.integers(0, 256, size=(batch_size, size, size, 3), dtype=np.uint8)
+        images = pixels.astype(np.float32) / 255.0
+        encoded = [tf.io.encode_png(image).numpy() for image in pixels]
+        class_index = (np.arange(batch_size, dtype=np.int32) + 1) % functions.num_classes
+        class_index[0] = -1
+        cases.append({"images": images, "encoded": encoded, "class_index": class_index})
+    return cases
+
+
+def _reference(model, images, class_index=None):
+    """CGCModel.explain (GradientTape) as numpy; class_index -1 = the prediction."""
+    predicted = model.explain(images)
+    if class_index is None:
+        return {name: value.numpy() for name, value in predicted.items()}
+    resolved = np.where(class_index < 0, predicted["class_id"].numpy(), class_index)
+    return {name: value.numpy() for name, value in model.explain(images, resolved).items()}
+
+
+def _bytes_reference(model, functions, encoded, class_index=None):
+    views = np.stack([serving.preprocess_encoded(data, functions.image_size) for data in encoded])
+    reference = _reference(model, views, class_index)
+    # The appended invalid element: zeros, class -1, valid False.
+    reference = {
+        name: np.concatenate([value, np.zeros_like(value[:1])]) for name, value in reference.items()
+    }
+    reference["class_id"][-1] = -1
+    reference["valid"] = np.array([True] * len(encoded) + [False])
+    return reference
+
+
+def _compare(reference, outputs, tolerance, label):
+    """Per-output statistics and failure messages of one call.
+
+    A class_id may differ from the reference only on a near tie (top-2
+    reference probabilities closer than `tolerance`); heatmaps are compared on
+    the rows whose class_id agrees, since they explain that class.
+    """
+    stats, failures = {}, []
+    missing = sorted(set(reference) - set(outputs))
+    if missing:
+        return stats, [f"{label}: outputs {missing} are missing"]
+    for name, expected in reference.items():
+        if np.shape(outputs[name]) != expected.shape:
+            return stats, [
+                f"{label}/{name}: shape {np.shape(outputs[name])} != expected {expected.shape}"
+            ]
+    probabilities = reference["probabilities"]
+    valid = reference.get("valid", np.ones(len(probabilities), bool))
+    near_tie = np.zeros(len(probabilities), bool)
+    if probabilities.shape[-1] > 1:
+        top2 = np.sort(probabilities, axis=-1)[:, -2:]
+        near_tie = (top2[:, 1] - top2[:, 0]) < tolerance
+    same_class = np.asarray(outputs["class_id"]) == reference["class_id"]
+    difference = float(np.max(np.abs(outputs["probabilities"] - probabilities), initial=0.0))
+    stats["probabilities"] = {"max_abs_diff": difference}
+    if not difference <= tolerance:
+        failures.append(
+            f"{label}/probabilities: max abs difference {difference:.3g} > {tolerance:g}"
+        )
+    stats["class_id"] = {
+        "mismatches": int(np.sum(~same_class & ~near_tie)),
+        "near_tie_flips": int(np.sum(~same_class & near_tie)),
+    }
+    if stats["class_id"]["mismatches"]:
+        failures.append(
+            f"{label}/class_id: {stats['class_id']['mismatches']} mismatches outside near ties"
+        )
+    if "valid" in reference:
+        mismatches = int(np.sum(np.asarray(outputs["valid"]) != valid))
+        stats["valid"] = {"mismatches": mismatches}
+        if mismatches:
+            failures.append(f"{label}/valid: {mismatches} mismatches")
+    if "heatmap" in reference:
+        rows = same_class & valid
+        actual, expected = np.asarray(outputs["heatmap"])[rows], reference["heatmap"][rows]
+        difference = float(np.max(np.abs(actual - expected), initial=0.0))
+        scale = max(float(np.max(np.abs(expected), initial=0.0)), HEATMAP_SCALE_FLOOR)
+        stats["heatmap"] = {
+            "max_abs_diff": difference,
+            "max_relative_diff": difference / scale,
+            "reference_max": float(np.max(expected, initial=0.0)),
+            "rows_compared": int(np.sum(rows)),
+        }
+        if not difference / scale <= tolerance:
+            failures.append(
+                f"{label}/heatmap: max difference relative to the heatmap maximum "
+                f"{difference / scale:.3g} > {tolerance:g}"
+            )
+    return stats, failures
+
+
+def _merge(total, stats):
+    """Worst differences and summed counts over the verification batches."""
+    for name, values in stats.items():
+        merged = total.setdefault(name, {})
+        for key, value in values.items():
+            if isinstance(value, int):
+                merged[key] = merged.get(key, 0) + value
+            else:
+                merged[key] = max(merged.get(key, value), value)
+
+
+def _describe_specs(specs):
+    return {
+        spec.name if hasattr(spec, "name") and spec.name else key: {
+            "dtype": spec.dtype.name,
+            "shape": [None if d is None else int(d) for d in spec.shape],
+        }
+        for key, spec in specs.items()
+    }
+
+
+def _verify_saved_model(path, model, functions, metadata, tolerance):
+    loaded = tf.saved_model.load(path)
+    signatures, failures = {}, []
+    for name, signature in loaded.signatures.items():
+        _, input_specs = signature.structured_input_signature
+        signatures[name] = {
+            "inputs": _describe_specs(input_specs),
+            "outputs": _describe_specs(signature.structured_outputs),
+        }
+    stored = json.loads(loaded.signatures[METADATA_SIGNATURE]()["metadata_json"].numpy())
+    if stored != json.loads(json.dumps(metadata, sort_keys=True)):
+        failures.append("saved_model/metadata: the metadata signature differs from the metadata")
+    results = {}
+    for case in _verification_inputs(functions, VERIFICATION_BATCH_SIZES):
+        images, encoded, class_index = case["images"], case["encoded"], case["class_index"]
+        encoded_batch = tf.constant(encoded + [INVALID_IMAGE_BYTES])
+        class_batch = np.concatenate([class_index, [-1]]).astype(np.int32)
+        expected = _reference(model, images)
+        expected_class = _reference(model, images, class_index)
+        expected_bytes = _bytes_reference(model, functions, encoded)
+        expected_bytes_class = _bytes_reference(model, functions, encoded, class_index)
+        calls = {
+            "serving_default": (
+                {"images": images},
+                {k: expected[k] for k in ("probabilities", "class_id")},
+            ),
+            "explain": ({"images": images}, expected),
+            "explain_class": ({"images": images, "class_index": class_index}, expected_class),
+            "serving_bytes": (
+                {"image_bytes": encoded_batch},
+                {k: expected_bytes[k] for k in ("probabilities", "class_id", "valid")},
+            ),
+            "explain_bytes": ({"image_bytes": encoded_batch}, expected_bytes),
+            "explain_bytes_class": (
+                {"image_bytes": encoded_batch, "class_index": class_batch},
+                expected_bytes_class,
+            ),
+        }
+        for name, (feed, reference) in calls.items():
+            label = f"saved_model/{name}/batch_{len(images)}"
+            outputs = {k: v.numpy() for k, v in loaded.signatures[name](**feed).items()}
+            stats, call_failures = _compare(reference, outputs, tolerance, label)
+            _merge(results.setdefault(name, {}), stats)
+            failures += call_failures
+    return {"signatures": signatures, "differences": results, "failures": failures}
+
+
+def _describe_onnx(arguments):
+    """{name: {dtype, shape}} of onnxruntime inputs/outputs; symbolic dims -> None."""
+    return {
+        argument.name: {
+            "dtype": argument.type,
+            "shape": [d if isinstance(d, int) else None for d in argument.shape],
+        }
+        for argument in arguments
+    }
+
+
+def _verify_onnx(path, model, functions, batch_size, tolerance):
+    import onnx
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    output_names = [output.name for output in session.get_outputs()]
+    batch_sizes = VERIFICATION_BATCH_SIZES if batch_size is None else (batch_size,)
+    results, failures = {}, []
+    for case in _verification_inputs(functions, batch_sizes):
+        images = case["images"]
+        outputs = dict(zip(output_names, session.run(None, {serving.IMAGES_KEY: images})))
+        label = f"onnx/explain/batch_{len(images)}"
+        stats, call_failures = _compare(_reference(model, images), outputs, tolerance, label)
+        _merge(results, stats)
+        failures += call_failures
+    proto = onnx.load(path, load_external_data=False)
+    return {
+        "inputs": _describe_onnx(session.get_inputs()),
+        "outputs": _describe_onnx(session.get_outputs()),
+        "metadata_props": sorted(prop.key for prop in proto.metadata_props),
+        "differences": results,
+        "failures": failures,
+    }
+
+
+def _failure_message(report, tolerance):
+    lines = "\n".join(f"  - {failure}" for failure in report["failures"])
+    return (
+        f"export verification failed (tolerance={tolerance:g}); nothing was moved into "
+        f"{report['export_dir']!r}:\n{lines}"
+    )
+
+
+def format_summary(report):
+    """A few human-readable lines about an export report (printed by `cgc-export`)."""
+    lines = [
+        f"export {'passed' if report['passed'] else 'FAILED'}: version {report['version']} in "
+        f"{report['export_dir']}",
+        f"  heatmaps: {report['heatmap_method']} (target layer {report['target_layer']!r}), "
+        f"{report['num_classes']} classes, input {report['image_size']}x{report['image_size']}",
+    ]
+    if "saved_model" in report:
+        worst = _worst(report["saved_model"]["differences"].values())
+        lines.append(
+            f"  SavedModel {report.get('saved_model_dir', '(not moved)')}: "
+            f"{len(report['saved_model']['signatures'])} signatures; {worst}"
+        )
+    if "onnx" in report:
+        onnx_report = report["onnx"]
+        worst = _worst([onnx_report["differences"]])
+        lines.append(
+            f"  ONNX {report.get('onnx_path', '(not moved)')}: opset {onnx_report['opset']}, "
+            f"batch {onnx_report['batch_size']}; {worst}"
+        )
+    lines += [f"  failure: {failure}" for failure in report["failures"]]
+    return "\n".join(lines)
+
+
+def _worst(differences):
+    probabilities = max(
+        (d["probabilities"]["max_abs_diff"] for d in differences if "probabilities" in d),
+        default=0.0,
+    )
+    heatmaps = max(
+        (d["heatmap"]["max_relative_diff"] for d in differences if "heatmap" in d), default=0.0
+    )
+    return (
+        f"max |probabilities diff| {probabilities:.2g}, max relative heatmap diff {heatmaps:.2g}"
+    )

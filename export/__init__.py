@@ -1,0 +1,1 @@
+"""The `cgc-export` binary (installed as package `cgc_tf_export`)."""
