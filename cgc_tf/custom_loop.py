@@ -1,0 +1,169 @@
+"""A training loop for MultiWorkerMirroredStrategy that drives the model's own `train_step`.
+
+Keras 3 `Model.fit` does not support MultiWorkerMirroredStrategy
+(keras-team/keras issue 20585), so multi-worker training runs this loop instead.
+It has no step logic of its own: each step is `strategy.run(model.train_step)`
+inside a `tf.function`, as `fit` does, so both paths train the same objective.
+It also works with the single-machine strategies (tests use MirroredStrategy).
+
+Fault tolerance follows TensorFlow's multi-worker custom-loop pattern: every
+worker saves a checkpoint after each epoch (saving distributed variables may run
+collective ops, so all workers must take part), the chief into `checkpoint_dir`,
+the others into a temporary directory that is deleted right away. A restarted
+job restores the latest checkpoint (model, optimizer, random-generator state and
+the epoch counter) and continues with the next epoch.
+"""
+
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cgc_tf import distribute
+
+
+def train(
+    model,
+    strategy,
+    dataset_fn,
+    epochs,
+    steps_per_epoch,
+    checkpoint_dir,
+    csv_path=None,
+    callbacks=None,
+    verbose=1,
+):
+    """Trains `model` for `epochs` epochs, resuming from `checkpoint_dir` if it holds a checkpoint.
+
+    Args:
+      model: a compiled keras.Model (e.g. `CGCModel`) whose weights and optimizer
+        were created under `strategy.scope()`.
+      strategy: the tf.distribute.Strategy the model was built under.
+      dataset_fn: callable(tf.distribute.InputContext) -> tf.data.Dataset of this
+        input pipeline's batches of `input_context.get_per_replica_batch_size(
+        global_batch_size)` examples, sharded by `input_context.input_pipeline_id`
+        and repeated (it must not run out within `epochs * steps_per_epoch`
+        steps). Passed to `strategy.distribute_datasets_from_function`.
+      epochs: int >= 1, the total number of epochs including those of a run
+        that is resumed.
+      steps_per_epoch: int >= 1, optimizer steps per epoch.
+      checkpoint_dir: directory of the chief's checkpoints, readable by every
+        worker (shared file system or cloud storage); created if missing.
+      csv_path: optional CSV file that gets one row per epoch on the chief
+        (`keras.callbacks.CSVLogger` with append=True, so a resumed run adds rows).
+      callbacks: optional list of keras.callbacks.Callback, called on every worker
+        with logs already averaged over all replicas. Do not pass
+        BackupAndRestore or ModelCheckpoint: this loop checkpoints itself.
+      verbose: 1 shows a progress bar on the chief, 0 is silent.
+
+    Returns:
+      keras.callbacks.History of the epochs run by this call (`history.epoch`
+      holds the absolute epoch indices, so a resumed run starts past 0).
+
+    Raises:
+      ValueError: on invalid arguments, or if the dataset runs out of batches.
+    """
+    for argument, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{argument}={value!r} must be an int >= 1")
+    if verbose not in (0, 1):
+        raise ValueError(f"verbose={verbose!r} must be 0 or 1")
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("model must be compiled (model.compile(optimizer=...)) before train()")
+    if model.jit_compile and strategy.num_replicas_in_sync > 1:
+        # XLA would compile the whole multi-replica step for one device, which
+        # cannot reach the other replicas' variables; Keras's jit_compile="auto"
+        # turns XLA off under tf.distribute for the same reason.
+        raise ValueError(
+            f"model was compiled with jit_compile=True, which does not work with "
+            f"{strategy.num_replicas_in_sync} replicas; compile with jit_compile=False "
+            "(or 'auto')"
+        )
+    chief = distribute.is_chief(strategy)
+
+    with strategy.scope():
+        # All state must exist before tracing (strategy.run cannot create
+        # distributed variables) and before restoring. Keras's fit builds it the
+        # same way, from symbolic tensors shaped like a batch: the optimizer slots
+        # and the compiled metrics (a private method; there is no public one).
+        element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
+        model._symbolic_build(data_batch=element_spec)  # pylint: disable=protected-access
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    # Keras 3 models are not tf.train.Checkpoint trackables (a Checkpoint of the
+    # model object saves none of its variables), so the variables are listed:
+    # model.variables holds the weights, BatchNorm statistics and random-generator
+    # states; they are matched by position, which a rebuilt model reproduces.
+    checkpoint = tf.train.Checkpoint(
+        model_variables=list(model.variables),
+        optimizer_variables=list(model.optimizer.variables),
+        epoch=epoch,
+    )
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest:
+        checkpoint.restore(latest).assert_consumed()
+    write_dir = checkpoint_dir if chief else tempfile.mkdtemp(prefix="cgc_tf_worker_checkpoint_")
+    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=1)
+
+    step_function = _make_step_function(model, strategy)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+    callback_list = list(callbacks or [])
+    if chief and csv_path:
+        callback_list.append(keras.callbacks.CSVLogger(csv_path, append=True))
+    callback_list = keras.callbacks.CallbackList(
+        callback_list,
+        add_history=True,
+        add_progbar=chief and verbose == 1,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+    )
+    model.stop_training = False
+    callback_list.on_train_begin()
+    try:
+        for epoch_index in range(int(epoch.numpy()), epochs):
+            model.reset_metrics()
+            callback_list.on_epoch_begin(epoch_index)
+            logs = {}
+            for step in range(steps_per_epoch):
+                callback_list.on_train_batch_begin(step)
+                try:
+                    logs = step_function(next(iterator))
+                except (StopIteration, tf.errors.OutOfRangeError) as error:
+                    raise ValueError(
+                        f"dataset_fn's dataset ran out after step {step} of epoch "
+                        f"{epoch_index} (steps_per_epoch={steps_per_epoch}); repeat it "
+                        "with .repeat()"
+                    ) from error
+                callback_list.on_train_batch_end(step, logs)
+            epoch.assign(epoch_index + 1)
+            manager.save(checkpoint_number=epoch_index + 1)
+            epoch_logs = {name: float(np.asarray(value)) for name, value in logs.items()}
+            callback_list.on_epoch_end(epoch_index, epoch_logs)
+            if model.stop_training:
+                break
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+    callback_list.on_train_end()
+    return model.history
+
+
+def _make_step_function(model, strategy):
+    """One distributed `model.train_step`, returning its logs averaged over replicas."""
+
+    def one_step(data):
+        outputs = strategy.run(model.train_step, args=(data,))
+        # As keras' fit ("auto" reduction): the mean of the per-replica metric
+        # results (all-reduced across workers under MultiWorkerMirroredStrategy).
+        return {
+            name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+            for name, value in outputs.items()
+        }
+
+    return tf.function(one_step, reduce_retracing=True, jit_compile=bool(model.jit_compile))

@@ -1,0 +1,387 @@
+"""Tests for cgc_tf.custom_loop: against fit and resumed in-process under MirroredStrategy,
+and two-worker MultiWorkerMirroredStrategy training on localhost.
+
+The multi-worker test starts this file as a script, once per worker, with a TF_CONFIG naming
+two localhost ports; each worker trains a tiny CGCModel with global negatives on
+the embedded `cluttered_digits` dataset and writes its final weights. Worker 1
+first kills itself (SIGKILL) in the second epoch; the test then kills the chief
+too and restarts both, which must resume from the chief's epoch-1 checkpoint.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cgc_tf
+from cgc_tf import custom_loop
+from tests import distribute_test
+from tests import testing_models
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NUM_WORKERS = 2
+_IMAGE_SIZE = 16
+_NUM_CLASSES = 10
+_GLOBAL_BATCH = 8
+_EPOCHS = 2
+_STEPS_PER_EPOCH = 3
+_CRASH_EPOCH, _CRASH_STEP = 1, 1
+# Upper bound on one two-worker run (imports, cluster start-up, two tiny epochs) on
+# a loaded 2-core machine; a hung collective fails the test instead of the CI.
+_RUN_TIMEOUT_SECONDS = 240
+
+
+def _free_ports(count):
+    """Ports the OS reports free now (bound to port 0, then released)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _loop_dataset_fn(images, labels, global_batch):
+    """dataset_fn of per-replica batches; one pass over the examples per epoch."""
+
+    def dataset_fn(input_context):
+        batch = input_context.get_per_replica_batch_size(global_batch)
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
+        shard = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return shard.repeat()
+
+    return dataset_fn
+
+
+class CustomLoopTest(distribute_test.TwoReplicaTestCase):
+    """The loop on two logical CPUs (MirroredStrategy): same steps as fit, exact resume."""
+
+    images = np.random.default_rng(0).uniform(size=(8, 16, 16, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 1, 0, 2, 2, 1], np.int32)
+    steps_per_epoch = 2  # global batch 4: one pass over the 8 examples
+
+    def _temp_dir(self):
+        # A new directory per call (get_temp_dir() is one per test).
+        directory = tempfile.mkdtemp(prefix="cgc_tf_custom_loop_test_")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return directory
+
+    def _model(self):
+        with self.strategy.scope():
+            model = cgc_tf.CGCModel(
+                testing_models.tiny_convnet(16), views=2, global_negatives=True,
+                augmentation=cgc_tf.PairedAugmentation(seed=1),
+            )
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
+        return model
+
+    def _train(self, epochs, directory, **kwargs):
+        model = self._model()
+        history = custom_loop.train(
+            model, self.strategy, _loop_dataset_fn(self.images, self.labels, 4), epochs,
+            self.steps_per_epoch, os.path.join(directory, "checkpoints"),
+            csv_path=os.path.join(directory, "log.csv"), verbose=0, **kwargs,
+        )
+        return model, history
+
+    _uninterrupted = None
+
+    def _uninterrupted_run(self):
+        """Two epochs in one call (memoised: two tests compare with it)."""
+        if CustomLoopTest._uninterrupted is None:
+            directory = self._temp_dir()
+            model, history = self._train(2, directory)
+            CustomLoopTest._uninterrupted = {
+                "trainable_variables": [v.numpy() for v in model.trainable_variables],
+                "variables": [v.numpy() for v in model.variables],
+                "history": history.history,
+                "rows": _read_csv(os.path.join(directory, "log.csv")),
+            }
+        return CustomLoopTest._uninterrupted
+
+    def test_matches_fit(self):
+        run = self._uninterrupted_run()
+        expected = self._model()
+        expected_history = expected.fit(
+            self.images, self.labels, batch_size=4, epochs=2, shuffle=False, verbose=0
+        )
+        for actual, wanted in zip(run["trainable_variables"], expected.trainable_variables):
+            self.assertAllClose(actual, wanted, atol=1e-6)
+        self.assertEqual(sorted(run["history"]), sorted(expected_history.history))
+        for key, values in expected_history.history.items():
+            self.assertAllClose(run["history"][key], values, atol=1e-6, msg=key)
+        self.assertEqual([row["epoch"] for row in run["rows"]], ["0", "1"])
+        self.assertAllClose([float(row["loss"]) for row in run["rows"]], run["history"]["loss"])
+
+    def test_resume_equals_uninterrupted_run(self):
+        uninterrupted = self._uninterrupted_run()["variables"]
+        directory = self._temp_dir()
+        self._train(1, directory)
+        # A new process would rebuild the model: here a fresh model, same directory.
+        resumed, history = self._train(2, directory)
+        self.assertEqual(history.epoch, [1])
+        self.assertEqual(int(resumed.optimizer.iterations.numpy()), 2 * self.steps_per_epoch)
+        # Weights, momentum and the augmentation's seed state were all restored.
+        for actual, wanted in zip(resumed.variables, uninterrupted):
+            self.assertAllEqual(actual, wanted)
+        rows = _read_csv(os.path.join(directory, "log.csv"))
+        self.assertEqual([row["epoch"] for row in rows], ["0", "1"])
+        checkpoint_dir = os.path.join(directory, "checkpoints")
+        self.assertEqual(
+            tf.train.latest_checkpoint(checkpoint_dir), os.path.join(checkpoint_dir, "ckpt-2")
+        )
+
+    def test_dataset_that_runs_out(self):
+        def dataset_fn(input_context):
+            batch = input_context.get_per_replica_batch_size(4)
+            dataset = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+            return dataset.batch(batch).take(0)
+
+        with self.assertRaisesRegex(ValueError, r"ran out after step 0 of epoch 0 .*\.repeat\(\)"):
+            custom_loop.train(self._model(), self.strategy, dataset_fn, 2, 2,
+                              os.path.join(self._temp_dir(), "checkpoints"), verbose=0)
+
+    def test_invalid_arguments(self):
+        model = self._model()
+        dataset_fn = _loop_dataset_fn(self.images, self.labels, 4)
+        directory = self._temp_dir()
+        with self.assertRaisesRegex(ValueError, r"epochs=0 must be an int >= 1"):
+            custom_loop.train(model, self.strategy, dataset_fn, 0, 2, directory)
+        with self.assertRaisesRegex(ValueError, r"steps_per_epoch=1.5 must be an int >= 1"):
+            custom_loop.train(model, self.strategy, dataset_fn, 1, 1.5, directory)
+        with self.assertRaisesRegex(ValueError, r"verbose=2 must be 0 or 1"):
+            custom_loop.train(model, self.strategy, dataset_fn, 1, 1, directory, verbose=2)
+        with self.strategy.scope():
+            uncompiled = cgc_tf.CGCModel(testing_models.tiny_convnet(16), views=2)
+        with self.assertRaisesRegex(ValueError, r"model must be compiled"):
+            custom_loop.train(uncompiled, self.strategy, dataset_fn, 1, 1, directory)
+        with self.strategy.scope():
+            uncompiled.compile(optimizer="sgd", jit_compile=True)
+        with self.assertRaisesRegex(ValueError, r"jit_compile=True.* 2 replicas"):
+            custom_loop.train(uncompiled, self.strategy, dataset_fn, 1, 1, directory)
+
+
+@pytest.mark.slow
+class MultiWorkerTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = tempfile.mkdtemp(prefix="cgc_tf_multi_worker_test_")
+        cls.data_dir = os.path.join(cls.root, "tfds")
+        # Build the embedded dataset once here: two workers building it at the
+        # same time into one data_dir would race.
+        from cgc_tf import data
+
+        data.train_dataset(
+            "cluttered_digits", _GLOBAL_BATCH, _IMAGE_SIZE, data_dir=cls.data_dir,
+            classification_view=False,
+        )
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+        super().tearDownClass()
+
+    def _launch(self, model_dir, crash):
+        ports = _free_ports(_NUM_WORKERS)
+        processes = []
+        for index in range(_NUM_WORKERS):
+            environment = dict(os.environ)
+            environment.update(
+                TF_CONFIG=json.dumps(
+                    {
+                        "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                        "task": {"type": "worker", "index": index},
+                    }
+                ),
+                PYTHONPATH=os.pathsep.join([_REPO, environment.get("PYTHONPATH", "")]),
+                # Non-chief checkpoints go to tempfile directories: keep them here.
+                TMPDIR=os.path.join(model_dir, f"tmp_{index}"),
+                KERAS_BACKEND="tensorflow",
+                TF_CPP_MIN_LOG_LEVEL="2",
+                CUDA_VISIBLE_DEVICES="",
+            )
+            os.makedirs(environment["TMPDIR"], exist_ok=True)
+            arguments = [
+                sys.executable, os.path.abspath(__file__), "--model_dir", model_dir,
+                "--data_dir", self.data_dir,
+            ]
+            if crash and index == 1:
+                arguments.append("--crash")
+            log = open(os.path.join(model_dir, f"worker_{index}.log"), "a")
+            self.addCleanup(log.close)
+            processes.append(
+                subprocess.Popen(arguments, env=environment, stdout=log, stderr=subprocess.STDOUT)
+            )
+        for process in processes:
+            self.addCleanup(lambda p=process: p.poll() is None and p.kill())
+        return processes
+
+    def _log(self, model_dir, index):
+        with open(os.path.join(model_dir, f"worker_{index}.log")) as file:
+            return file.read()[-4000:]
+
+    def _wait(self, process, model_dir, index, timeout=_RUN_TIMEOUT_SECONDS):
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            self.fail(f"worker {index} timed out; its log:\n{self._log(model_dir, index)}")
+
+    def test_kill_and_resume_ends_with_identical_weights(self):
+        model_dir = os.path.join(self.root, "run")
+        os.makedirs(model_dir)
+        checkpoint_dir = os.path.join(model_dir, "checkpoints")
+
+        # Run 1: worker 1 dies in epoch 1 (after the chief saved epoch 0).
+        chief, worker = self._launch(model_dir, crash=True)
+        self.assertEqual(self._wait(worker, model_dir, 1), -signal.SIGKILL, self._log(model_dir, 1))
+        # The chief is now stuck in (or failing) a collective with the dead peer;
+        # a cluster manager would restart the whole job: kill it too.
+        time.sleep(1.0)
+        if chief.poll() is None:
+            chief.kill()
+        chief.wait()
+        self.assertEqual(tf.train.latest_checkpoint(checkpoint_dir),
+                         os.path.join(checkpoint_dir, "ckpt-1"))
+        rows = _read_csv(os.path.join(model_dir, "log.csv"))
+        self.assertEqual([row["epoch"] for row in rows], ["0"])
+
+        # Run 2: both restart, restore epoch 1 and finish.
+        processes = self._launch(model_dir, crash=False)
+        for index, process in enumerate(processes):
+            self.assertEqual(self._wait(process, model_dir, index), 0, self._log(model_dir, index))
+
+        results = []
+        for index in range(_NUM_WORKERS):
+            with open(os.path.join(model_dir, f"result_{index}.json")) as file:
+                results.append(json.load(file))
+        # Each worker ran only the remaining epoch, from the restored counter.
+        for result in results:
+            self.assertEqual(result["epochs_run"], [_CRASH_EPOCH])
+            self.assertEqual(result["optimizer_iterations"], _EPOCHS * _STEPS_PER_EPOCH)
+            self.assertTrue(np.isfinite(result["loss"]))
+        rows = _read_csv(os.path.join(model_dir, "log.csv"))
+        self.assertEqual([row["epoch"] for row in rows], ["0", "1"])
+        self.assertEqual(tf.train.latest_checkpoint(checkpoint_dir),
+                         os.path.join(checkpoint_dir, f"ckpt-{_EPOCHS}"))
+        # Worker 1's temporary checkpoint directory of the finished run is gone.
+        leftovers = [
+            name for name in os.listdir(os.path.join(model_dir, "tmp_1"))
+            if name.startswith("cgc_tf_worker_checkpoint_")
+        ]
+        self.assertLen(leftovers, 1)  # only the one of the killed run remains
+
+        weights = [np.load(os.path.join(model_dir, f"weights_{index}.npz")) for index in range(2)]
+        self.assertEqual(sorted(weights[0].files), sorted(weights[1].files))
+        for name in weights[0].files:
+            self.assertAllEqual(weights[0][name], weights[1][name])
+        # Training moved the weights away from the initial ones.
+        initial = np.load(os.path.join(model_dir, "initial_weights.npz"))
+        moved = max(np.abs(initial[name] - weights[0][name]).max() for name in initial.files)
+        self.assertGreater(moved, 1e-3)
+
+
+class _CrashAt(keras.callbacks.Callback):
+    """SIGKILLs its own process at the start of (epoch, step): a lost worker."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.crash_epoch, self.crash_step, self.epoch_index = epoch, step, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_index = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch_index, batch) == (self.crash_epoch, self.crash_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_main(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--crash", action="store_true")
+    args = parser.parse_args(argv)
+
+    from cgc_tf import data
+    from cgc_tf import distribute
+
+    # Before any TensorFlow op: the strategy configures the runtime's collectives.
+    strategy = distribute.strategy_from_name("multi_worker")
+
+    index = strategy.cluster_resolver.task_id
+    with strategy.scope():
+        model = cgc_tf.CGCModel(
+            testing_models.tiny_convnet(_IMAGE_SIZE, _NUM_CLASSES),
+            views=2,
+            global_negatives=True,
+            augmentation=cgc_tf.PairedAugmentation(seed=0),
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    if distribute.is_chief(strategy) and not args.crash:
+        path = os.path.join(args.model_dir, "initial_weights.npz")
+        if not os.path.exists(path):
+            np.savez(path, **{v.path: v.numpy() for v in model.trainable_variables})
+
+    def dataset_fn(input_context):
+        batches = data.train_dataset(
+            "cluttered_digits",
+            input_context.get_per_replica_batch_size(_GLOBAL_BATCH),
+            _IMAGE_SIZE,
+            data_dir=args.data_dir,
+            classification_view=False,
+            seed=0,
+            # A full-split buffer would decode all 5,748 images before the first step.
+            shuffle_buffer=32,
+        )
+        # Same seed on every worker, so the shuffled batch order agrees and the
+        # shards are disjoint.
+        shard = batches.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return shard.repeat()
+
+    history = custom_loop.train(
+        model,
+        strategy,
+        dataset_fn,
+        epochs=_EPOCHS,
+        steps_per_epoch=_STEPS_PER_EPOCH,
+        checkpoint_dir=os.path.join(args.model_dir, "checkpoints"),
+        csv_path=os.path.join(args.model_dir, "log.csv"),
+        callbacks=[_CrashAt(_CRASH_EPOCH, _CRASH_STEP)] if args.crash else None,
+        verbose=0,
+    )
+    np.savez(
+        os.path.join(args.model_dir, f"weights_{index}.npz"),
+        **{v.path: v.numpy() for v in model.trainable_variables},
+    )
+    with open(os.path.join(args.model_dir, f"result_{index}.json"), "w") as file:
+        json.dump(
+            {
+                "epochs_run": history.epoch,
+                "loss": history.history["loss"][-1],
+                "optimizer_iterations": int(model.optimizer.iterations.numpy()),
+            },
+            file,
+        )
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
