@@ -1,0 +1,95 @@
+"""The embedded default dataset `cluttered_digits` (a tensorflow-datasets builder).
+
+Importing this package registers the `cluttered_digits` builder with tfds, so
+`tfds.load("cluttered_digits", data_dir=...)` works afterwards. See
+`cluttered_digits.py` and `README.md` next to it for the content, the splits
+(train: 5,748 examples of 1,437 source digits; test: 720 examples of 360 other
+source digits) and the determinism guarantees.
+
+Example:
+
+    from cgc_tf.data import cluttered_digits
+
+    train = cluttered_digits.load("train", data_dir="/tmp/tfds")
+    for example in train.take(1):
+        image, label = example["image"], example["label"]  # uint8 [48, 48, 3], int64 []
+"""
+
+from cgc_tf.data.cluttered_digits.cluttered_digits import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SEED,
+    MIN_IMAGE_SIZE,
+    PLACEMENTS_PER_DIGIT,
+    ClutteredDigits,
+    ClutteredDigitsConfig,
+    config_for_size,
+    generate_example,
+    load_source_digits,
+    render_example,
+    split_source_indices,
+    validate_image_size,
+)
+
+DATASET_NAME = "cluttered_digits"
+
+__all__ = [
+    "DATASET_NAME",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_SEED",
+    "MIN_IMAGE_SIZE",
+    "PLACEMENTS_PER_DIGIT",
+    "ClutteredDigits",
+    "ClutteredDigitsConfig",
+    "builder",
+    "config_for_size",
+    "generate_example",
+    "load",
+    "load_source_digits",
+    "render_example",
+    "split_source_indices",
+    "validate_image_size",
+]
+
+
+def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
+    """Returns the prepared `cluttered_digits` builder for `image_size`.
+
+    The first call for a given `data_dir` and size renders and writes both
+    splits (about 9 s of CPU time for 48x48); later calls reuse them.
+
+    Args:
+      data_dir: str or None, the tfds data directory; None means the tfds
+        default (`~/tensorflow_datasets` or `$TFDS_DATA_DIR`).
+      image_size: int >= 16, the canvas side. 48 and 64 use the predefined
+        configs `size48` / `size64`; any other size uses a custom config named
+        f"size{image_size}".
+
+    Returns:
+      A `ClutteredDigits` builder whose data is ready for `as_dataset`.
+
+    Raises:
+      ValueError: if `image_size` is not an integer >= 16.
+    """
+    dataset_builder = ClutteredDigits(config=config_for_size(image_size), data_dir=data_dir)
+    dataset_builder.download_and_prepare()
+    return dataset_builder
+
+
+def load(split, data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
+    """Loads a split of `cluttered_digits`, preparing the data on first use.
+
+    Args:
+      split: str, a tfds split spec such as "train", "test" or "train[:10%]".
+      data_dir: str or None, the tfds data directory (None: the tfds default).
+      image_size: int >= 16, the canvas side S.
+
+    Returns:
+      A tf.data.Dataset of feature dicts, in the stored (deterministic) order:
+      "image" uint8 [S, S, 3], "label" int64 [], "bbox" float32 [4]
+      (normalised [ymin, xmin, ymax, xmax] of the digit's ink) and
+      "source_index" int32 [].
+
+    Raises:
+      ValueError: if `image_size` is not an integer >= 16.
+    """
+    return builder(data_dir=data_dir, image_size=image_size).as_dataset(split=split)
