@@ -101,6 +101,10 @@ class CGCModel(keras.Model):
         self.image_size = tuple(backbone.inputs[0].shape[1:3])
         self.ce_loss_tracker = keras.metrics.Mean(name="ce_loss")
         self.cgc_loss_tracker = keras.metrics.Mean(name="cgc_loss")
+        # The backbone is built, so this model is too. Without this, Keras builds
+        # it symbolically under a strategy by calling it on the first batch's
+        # structure, which fails for semi-supervised ((x_l, y_l), x_u) batches.
+        self.built = True
 
     @property
     def trains_consistency(self):
@@ -120,16 +124,35 @@ class CGCModel(keras.Model):
                 f"loss={loss!r}: CGCModel computes its own cross-entropy + consistency loss; "
                 "configure it with the constructor (lambda_, temperature, consistency)"
             )
-        if jit_compile is True and not self.augmentation.xla_compatible:
-            raise ValueError(
-                "jit_compile=True, but the augmentation uses keras-cv layers without an XLA "
-                "kernel (ImageProjectiveTransformV3); remove them from "
-                "PairedAugmentation(geometric_layers=...) or compile with jit_compile=False"
-            )
+        if jit_compile is True:
+            self.augmentation.require_xla_compatible()
+            if tf.distribute.has_strategy() and distribute.num_replicas_in_sync() > 1:
+                raise ValueError(
+                    "jit_compile=True with several replicas: Keras' fit cannot run an "
+                    "XLA-compiled step under MirroredStrategy (resources on another "
+                    "device); compile each replica's step without XLA (jit_compile=False)"
+                )
         super().compile(optimizer=optimizer, metrics=metrics, jit_compile=jit_compile, **kwargs)
         if self.jit_compile and not self.augmentation.xla_compatible:
             # "auto" chose XLA (an accelerator is present); fall back rather than fail.
             self.jit_compile = False
+        self._build_compiled_metrics()
+
+    def _build_compiled_metrics(self):
+        """Builds the compiled metrics on symbolic labels and logits.
+
+        Keras builds them from the first batch otherwise, which it cannot do for
+        unlabelled or semi-supervised batches under a strategy.
+        """
+        num_classes = self.backbone.outputs[0].shape[-1]
+        for metric in self.metrics:
+            if metric is self.ce_loss_tracker or metric is self.cgc_loss_tracker or metric.name == "loss":
+                continue
+            if not getattr(metric, "built", True):
+                metric.build(
+                    keras.KerasTensor((None,), "int32"),
+                    keras.KerasTensor((None, num_classes), "float32"),
+                )
 
     # ----------------------------------------------------------------- views
     def _split_views(self, x):
@@ -270,12 +293,15 @@ class CGCModel(keras.Model):
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
-        return self._update_metrics(total, ce, cgc, y, logits)
+        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
 
     def test_step(self, data):
         """Evaluation: CE on the given view, consistency under a random T, metrics."""
         total, ce, cgc, y, logits = self._loss_terms(data, training=False)
-        return self._update_metrics(total, ce, cgc, y, logits)
+        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+
+    def _sample_weight(self, data):
+        return self._unpack(data)[2]
 
     # --------------------------------------------------------------- explain
     def explain(self, images, class_index=None):
