@@ -1,0 +1,317 @@
+"""Training settings: one frozen dataclass, the one home of every default.
+
+`TrainConfig()` with no arguments is the embedded main job (cluttered digits,
+small ResNet) that `cgc-train` runs without flags. `validate()` checks every
+field at once and raises one `ValueError` listing all problems, before any
+heavy work (data preparation, model building). Checks that need the model
+(target layer, init weights) happen in `cgc_tf.training`.
+
+This module is a leaf: standard library only, so binaries can parse and
+validate flags without importing TensorFlow.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Optional
+
+# Mirrors `cgc_tf.backbones.BUILDERS` (checked by tests/config_test.py); copied
+# rather than imported to keep this module free of TensorFlow.
+ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
+LR_SCHEDULES = ("step", "cosine", "constant")
+CONSISTENCIES = ("contrastive", "mse", "none")
+VIEWS = (2, 3)
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILES = ("auto", "true", "false")
+
+EMBEDDED_DATASET = "cluttered_digits"
+FOLDER_PREFIX = "folder:"
+# Smallest image side per architecture: the feature map of the target layer
+# must keep at least 1x1 after the backbone's downsampling (4x small_resnet,
+# 32x for the ImageNet ResNets).
+MIN_IMAGE_SIZE = {"small_resnet": 16, "resnet18": 32, "resnet34": 32, "resnet50": 32}
+# Checkpoints of the largest backbone (ResNet-50, weights + SGD momentum) take
+# about 200 MB; refuse to start with less than this free in model_dir.
+MIN_FREE_DISK_MB = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `cgc_tf.training.run_training` needs; field names are the flag names.
+
+    Defaults are the embedded main job: `cluttered_digits` at 32x32 with the small
+    ResNet and the CGC loss (paper lambda and temperature), sized for a 2-core CPU:
+    two cross-entropy views and T's crops of at least half the image, because the
+    paper's 8% crops often miss the digit of a 32x32 canvas. The paper's ImageNet
+    and fine-grained settings are flagfiles in train/configs/.
+    """
+
+    # Data.
+    dataset: str = EMBEDDED_DATASET
+    data_dir: Optional[str] = None
+    image_size: int = 32
+    examples_per_class: Optional[int] = None
+    unlabeled: Optional[str] = None
+    unlabeled_split: Optional[str] = None
+    skip_corrupt_images: bool = False
+    # Model.
+    arch: str = "small_resnet"
+    target_layer: Optional[str] = None
+    init_weights: Optional[str] = None
+    # Optimisation.
+    epochs: int = 25
+    batch_size: int = 32
+    steps_per_epoch: Optional[int] = None
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    lr_decay_epochs: int = 30
+    lr_decay_factor: float = 0.1
+    warmup_epochs: int = 1
+    # CGC objective.
+    lambda_: float = 0.5
+    temperature: float = 0.5
+    consistency: str = "contrastive"
+    views: int = 2
+    transform_min_area: float = 0.5
+    global_negatives: bool = False
+    # Run.
+    seed: int = 0
+    model_dir: str = os.path.join("cgc_runs", EMBEDDED_DATASET)
+    resume: bool = True
+    eval_every: int = 1
+    export: bool = True
+    # Hardware.
+    strategy: str = "default"
+    tpu: Optional[str] = None
+    mixed_precision: str = "none"
+    jit_compile: str = "auto"
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (dataclasses.replace; unknown names raise)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self):
+        """The config as a JSON object string (dataclasses.asdict, sorted keys)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Parses `to_json` output; fields missing from `text` take their defaults.
+
+        Raises:
+          ValueError: if `text` is not a JSON object or names unknown fields.
+        """
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"TrainConfig JSON must be an object, got {type(values).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"TrainConfig JSON has unknown fields {unknown}; known fields are {sorted(known)}"
+            )
+        return cls(**values)
+
+    def validate(self):
+        """Checks every field and that model_dir is writable; returns self.
+
+        Creates `model_dir` if needed (and writes/removes a probe file there).
+
+        Raises:
+          ValueError: listing every invalid value, one per line.
+        """
+        errors = _field_errors(self)
+        errors += _data_errors(self)
+        errors += _model_dir_errors(self.model_dir)
+        if errors:
+            raise ValueError(
+                "Invalid training configuration:\n" + "\n".join(f"  - {e}" for e in errors)
+            )
+        return self
+
+    @property
+    def uses_embedded_dataset(self):
+        """True when `dataset` is the embedded `cluttered_digits`."""
+        return self.dataset == EMBEDDED_DATASET
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _field_errors(config):
+    """Range and enum checks that need no I/O."""
+    errors = []
+
+    def check(condition, message):
+        if not condition:
+            errors.append(message)
+
+    def check_choice(name, allowed):
+        value = getattr(config, name)
+        check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+    def check_int(name, minimum, optional=False):
+        value = getattr(config, name)
+        if optional and value is None:
+            return
+        check(
+            _is_int(value) and value >= minimum,
+            f"{name}={value!r} must be an integer >= {minimum}"
+            + (" (or None)" if optional else ""),
+        )
+
+    check_choice("arch", ARCHS)
+    check_choice("lr_schedule", LR_SCHEDULES)
+    check_choice("consistency", CONSISTENCIES)
+    check_choice("views", VIEWS)
+    check_choice("strategy", STRATEGIES)
+    check_choice("mixed_precision", MIXED_PRECISIONS)
+    check_choice("jit_compile", JIT_COMPILES)
+    minimum_size = MIN_IMAGE_SIZE.get(config.arch, min(MIN_IMAGE_SIZE.values()))
+    check(
+        _is_int(config.image_size) and config.image_size >= minimum_size,
+        f"image_size={config.image_size!r} must be an integer >= {minimum_size} pixels "
+        f"for arch={config.arch!r}",
+    )
+    check_int("epochs", 1)
+    check_int("batch_size", 1)
+    check_int("steps_per_epoch", 1, optional=True)
+    check_int("examples_per_class", 1, optional=True)
+    check_int("lr_decay_epochs", 1)
+    check_int("warmup_epochs", 0)
+    check_int("eval_every", 1)
+    check_int("seed", 0)
+    if (
+        config.consistency == "contrastive"
+        and _is_int(config.batch_size)
+        and config.batch_size < 2
+    ):
+        errors.append(
+            f"batch_size={config.batch_size!r} is too small for consistency='contrastive': "
+            "InfoNCE needs >= 2 images per replica (the other images are the negatives)"
+        )
+    check(
+        _is_number(config.learning_rate) and config.learning_rate > 0,
+        f"learning_rate={config.learning_rate!r} must be > 0",
+    )
+    check(
+        _is_number(config.momentum) and 0 <= config.momentum < 1,
+        f"momentum={config.momentum!r} must be in [0, 1)",
+    )
+    check(
+        _is_number(config.weight_decay) and config.weight_decay >= 0,
+        f"weight_decay={config.weight_decay!r} must be >= 0",
+    )
+    check(
+        _is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
+        f"lr_decay_factor={config.lr_decay_factor!r} must be in (0, 1]",
+    )
+    check(
+        _is_number(config.lambda_) and config.lambda_ >= 0,
+        f"lambda_={config.lambda_!r} must be >= 0 (0 = plain baseline)",
+    )
+    check(
+        _is_number(config.temperature) and config.temperature > 0,
+        f"temperature={config.temperature!r} must be > 0",
+    )
+    check(
+        _is_number(config.transform_min_area) and 0 < config.transform_min_area <= 1,
+        f"transform_min_area={config.transform_min_area!r} must be in (0, 1]",
+    )
+    for name in ("global_negatives", "skip_corrupt_images", "resume", "export"):
+        value = getattr(config, name)
+        check(isinstance(value, bool), f"{name}={value!r} must be True or False")
+    for name in ("target_layer", "unlabeled_split", "tpu"):
+        value = getattr(config, name)
+        check(
+            value is None or (isinstance(value, str) and value),
+            f"{name}={value!r} must be a non-empty string or None",
+        )
+    if config.tpu is not None and config.strategy != "tpu":
+        errors.append(f"tpu={config.tpu!r} is only used with strategy='tpu', got {config.strategy!r}")
+    if config.unlabeled_split is not None and config.unlabeled is None:
+        errors.append(
+            f"unlabeled_split={config.unlabeled_split!r} needs unlabeled=<dataset name>"
+        )
+    if config.init_weights is not None:
+        path = config.init_weights
+        if not (isinstance(path, str) and path.endswith(".weights.h5")):
+            errors.append(
+                f"init_weights={path!r} must be a local Keras weights file ending in "
+                "'.weights.h5' (nothing is downloaded)"
+            )
+        elif not os.path.isfile(path):
+            errors.append(f"init_weights={path!r} does not exist")
+    return errors
+
+
+def _dataset_errors(name, data_dir, field):
+    """Problems with one dataset name (`dataset` or `unlabeled`)."""
+    if not isinstance(name, str) or not name:
+        return [f"{field}={name!r} must be a non-empty dataset name"]
+    if name.startswith(FOLDER_PREFIX):
+        root = name[len(FOLDER_PREFIX):]
+        if not os.path.isdir(root):
+            return [f"{field}={name!r}: image folder {root!r} does not exist"]
+        return []
+    if name == EMBEDDED_DATASET:
+        return []
+    # Any other name is a tensorflow-datasets dataset, which must already be
+    # prepared locally: nothing is downloaded.
+    if data_dir is None:
+        return [
+            f"{field}={name!r} is a tensorflow-datasets name and needs data_dir=<directory "
+            f"where it was prepared> (nothing is downloaded; only {EMBEDDED_DATASET!r} and "
+            f"'{FOLDER_PREFIX}/path' work without one)"
+        ]
+    return []
+
+
+def _data_errors(config):
+    errors = _dataset_errors(config.dataset, config.data_dir, "dataset")
+    if config.unlabeled is not None:
+        errors += _dataset_errors(config.unlabeled, config.data_dir, "unlabeled")
+    needs_existing_dir = any(
+        isinstance(name, str)
+        and name != EMBEDDED_DATASET
+        and not name.startswith(FOLDER_PREFIX)
+        for name in (config.dataset, config.unlabeled)
+        if name is not None
+    )
+    if config.data_dir is not None:
+        if not isinstance(config.data_dir, str) or not config.data_dir:
+            errors.append(f"data_dir={config.data_dir!r} must be a directory path or None")
+        elif needs_existing_dir and not os.path.isdir(config.data_dir):
+            errors.append(f"data_dir={config.data_dir!r} does not exist")
+    return errors
+
+
+def _model_dir_errors(model_dir):
+    """Creates model_dir, writes and removes a probe file, checks free space."""
+    if not isinstance(model_dir, str) or not model_dir:
+        return [f"model_dir={model_dir!r} must be a directory path"]
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, f".write_probe_{uuid.uuid4().hex}")
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        return [f"model_dir={model_dir!r} is not writable: {e.strerror or e}"]
+    free_mb = shutil.disk_usage(model_dir).free / 2**20
+    if free_mb < MIN_FREE_DISK_MB:
+        return [
+            f"model_dir={model_dir!r} has {free_mb:.0f} MB free; need >= {MIN_FREE_DISK_MB} MB "
+            "for checkpoints"
+        ]
+    return []

@@ -1,0 +1,533 @@
+"""`run_training(config)`: data, CGCModel, SGD + schedule, `fit` with resume, final files.
+
+Model directory (docs/architecture.md):
+
+    model_dir/
+      config.json                 the TrainConfig (written at the start and the end)
+      model.keras                 the final CGCModel
+      checkpoints/backup/         BackupAndRestore state: weights + optimizer after
+                                  the last completed epoch (or at a SIGTERM)
+      checkpoints/last_epoch.keras  the full model after the last completed epoch
+      log.csv                     one row per epoch (CSVLogger, continued on resume)
+      tensorboard/                scalars (train/, validation/) and heatmaps/
+      metrics.json                final evaluation on the eval split
+
+Resume: with `config.resume` (the default) a run restarts from the last
+completed epoch in `checkpoints/backup/`; a finished run re-run trains nothing
+and rewrites the final files. `resume=False` deletes the previous checkpoints
+and log first.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cgc_tf import backbones
+from cgc_tf import callbacks as callbacks_lib
+from cgc_tf import data
+from cgc_tf import distribute
+from cgc_tf.augment import PairedAugmentation
+from cgc_tf.model import CGCModel
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.csv"
+CHECKPOINT_DIR = "checkpoints"
+BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
+EPOCH_MODEL_FILE = os.path.join(CHECKPOINT_DIR, "last_epoch.keras")
+TENSORBOARD_DIR = "tensorboard"
+HEATMAP_IMAGES = 8
+
+# Fields that shape the model's and optimizer's variables: a checkpoint written
+# with other values cannot be restored.
+_CHECKPOINT_FIELDS = ("dataset", "arch", "image_size", "mixed_precision")
+_JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
+
+
+class ConfigurationError(ValueError):
+    """The configuration does not fit the model, the data or the model_dir."""
+
+
+@keras.saving.register_keras_serializable(package="cgc_tf")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Multiplies a learning rate (schedule) by min(1, (step + 1) / warmup_steps).
+
+    Keras has warmup only inside CosineDecay; this wraps any schedule (step
+    decay, cosine or a constant) the same way.
+    """
+
+    def __init__(self, after_warmup, warmup_steps, name="linear_warmup"):
+        """Args:
+        after_warmup: float learning rate or a LearningRateSchedule.
+        warmup_steps: int >= 1, optimizer steps of the linear ramp.
+        name: schedule name.
+        """
+        self.after_warmup = after_warmup
+        self.warmup_steps = int(warmup_steps)
+        self.name = name
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if isinstance(self.after_warmup, keras.optimizers.schedules.LearningRateSchedule):
+            rate = tf.cast(self.after_warmup(step), tf.float32)
+        else:
+            rate = tf.constant(self.after_warmup, tf.float32)
+        ramp = tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        return rate * ramp
+
+    def get_config(self):
+        after_warmup = self.after_warmup
+        if isinstance(after_warmup, keras.optimizers.schedules.LearningRateSchedule):
+            after_warmup = keras.saving.serialize_keras_object(after_warmup)
+        return {"after_warmup": after_warmup, "warmup_steps": self.warmup_steps, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["after_warmup"], dict):
+            config["after_warmup"] = keras.saving.deserialize_keras_object(config["after_warmup"])
+        return cls(**config)
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """The learning rate per optimizer step for `config`.
+
+    step: x lr_decay_factor every lr_decay_epochs; cosine: to 0 over all epochs;
+    constant. Then a linear warmup over warmup_epochs when > 0.
+
+    Returns:
+      A float or a keras LearningRateSchedule.
+    """
+    rate = float(config.learning_rate)
+    total_steps = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=total_steps)
+    elif config.lr_schedule == "step":
+        decays = range(1, math.ceil(config.epochs / config.lr_decay_epochs))
+        # The optimizer evaluates the schedule at its iteration count before the
+        # step, and PiecewiseConstantDecay switches after step > boundary: "- 1"
+        # makes the first step of epoch k * lr_decay_epochs use the decayed rate.
+        boundaries = [k * config.lr_decay_epochs * steps_per_epoch - 1 for k in decays]
+        values = [rate * config.lr_decay_factor**k for k in range(len(boundaries) + 1)]
+        schedule = (
+            keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+            if boundaries
+            else rate
+        )
+    else:
+        schedule = rate
+    if config.warmup_epochs > 0:
+        schedule = LinearWarmup(schedule, config.warmup_epochs * steps_per_epoch)
+    return schedule
+
+
+def build_strategy(config):
+    """The tf.distribute strategy of `config`: the one place training makes a strategy."""
+    return distribute.strategy_from_name(config.strategy, tpu=config.tpu)
+
+
+def _layer_is_4d(layer):
+    try:
+        return len(layer.output.shape) == 4
+    except (AttributeError, ValueError):
+        return False
+
+
+def check_target_layer(backbone, target_layer):
+    """Raises ConfigurationError unless `target_layer` is a 4-D layer of `backbone`."""
+    candidates = [layer.name for layer in backbone.layers if _layer_is_4d(layer)]
+    names = [layer.name for layer in backbone.layers]
+    if target_layer not in names:
+        raise ConfigurationError(
+            f"target_layer={target_layer!r} is not a layer of {backbone.name!r}; layers with "
+            f"4-D outputs (valid targets, last 12) are {candidates[-12:]}"
+        )
+    if target_layer not in candidates:
+        shape = tuple(backbone.get_layer(target_layer).output.shape)
+        raise ConfigurationError(
+            f"target_layer={target_layer!r} has output shape {shape}, not 4-D [B, h, w, k]; "
+            f"layers with 4-D outputs (last 12) are {candidates[-12:]}"
+        )
+
+
+def _layers_left_at_initialisation(backbone, reference):
+    """Names of layers with weights whose values all equal the same-seed reference."""
+    unchanged = []
+    for layer, reference_layer in zip(backbone.layers, reference.layers):
+        weights = layer.get_weights()
+        if weights and all(
+            a.shape == b.shape and np.array_equal(a, b)
+            for a, b in zip(weights, reference_layer.get_weights())
+        ):
+            unchanged.append(layer.name)
+    return unchanged
+
+
+def build_backbone(config, num_classes, say=print):
+    """The backbone of `config` with its init_weights; returns (backbone, target_layer).
+
+    Layers of init_weights whose shapes differ (the classifier head when
+    num_classes differs, as in fine-tuning) keep their random initialisation
+    and are reported through `say`.
+
+    Raises:
+      ConfigurationError: if init_weights fits no layer, or the target layer is
+        not a 4-D layer of the backbone.
+    """
+    input_shape = (config.image_size, config.image_size, 3)
+    keras.utils.set_random_seed(config.seed)
+    with warnings.catch_warnings():
+        # Keras warns about every skipped layer; the summary below says it once.
+        warnings.simplefilter("ignore", UserWarning)
+        backbone, recommended = backbones.build(
+            config.arch, input_shape, num_classes, weights=config.init_weights
+        )
+    if config.init_weights is not None:
+        # A same-seed build without weights tells which layers the file did not fill.
+        keras.utils.set_random_seed(config.seed)
+        reference, _ = backbones.build(config.arch, input_shape, num_classes)
+        unchanged = _layers_left_at_initialisation(backbone, reference)
+        with_weights = [layer.name for layer in backbone.layers if layer.get_weights()]
+        if len(unchanged) == len(with_weights):
+            raise ConfigurationError(
+                f"init_weights={config.init_weights!r} matched no layer of arch={config.arch!r} "
+                f"with num_classes={num_classes}; is it a weights file of this architecture?"
+            )
+        if unchanged:
+            say(
+                f"init_weights: {len(unchanged)} layer(s) did not match the file (e.g. a "
+                f"classifier head for another num_classes than {num_classes}) and start from "
+                f"random initialisation: {unchanged}"
+            )
+    target_layer = config.target_layer or recommended
+    check_target_layer(backbone, target_layer)
+    return backbone, target_layer
+
+
+def _check_replicas(config, strategy):
+    replicas = strategy.num_replicas_in_sync
+    errors = []
+    if config.batch_size % replicas:
+        errors.append(
+            f"batch_size={config.batch_size} (global) must be divisible by the "
+            f"{replicas} replicas of strategy={config.strategy!r}"
+        )
+    elif config.consistency == "contrastive" and config.batch_size // replicas < 2:
+        errors.append(
+            f"batch_size={config.batch_size} gives {config.batch_size // replicas} image(s) per "
+            f"replica on {replicas} replicas; consistency='contrastive' needs >= 2 per replica"
+        )
+    if errors:
+        raise ConfigurationError("\n".join(errors))
+
+
+def _check_resumable(config, model_dir, say):
+    """Refuses to resume a checkpoint written for a different model."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    has_checkpoint = os.path.exists(os.path.join(model_dir, BACKUP_DIR, "latest.weights.h5"))
+    if not (has_checkpoint and os.path.exists(path)):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    changed = [
+        f"{name}: {previous.get(name)!r} -> {getattr(config, name)!r}"
+        for name in _CHECKPOINT_FIELDS
+        if name in previous and previous[name] != getattr(config, name)
+    ]
+    if changed:
+        raise ConfigurationError(
+            f"model_dir={model_dir!r} holds a checkpoint of a different model "
+            f"({'; '.join(changed)}); use another model_dir or resume=False (--noresume) "
+            "to start over"
+        )
+    other = [
+        name
+        for name, value in dataclasses.asdict(config).items()
+        if name in previous and previous[name] != value and name not in ("epochs", "resume")
+    ]
+    if other:
+        say(f"Resuming with changed settings: {other}")
+
+
+def _reset_model_dir(model_dir):
+    """resume=False: removes checkpoints and the log of an earlier run."""
+    shutil.rmtree(os.path.join(model_dir, CHECKPOINT_DIR), ignore_errors=True)
+    log = os.path.join(model_dir, LOG_FILE)
+    if os.path.exists(log):
+        os.remove(log)
+
+
+def _steps_per_epoch(config, info):
+    """Optimizer steps per epoch: config.steps_per_epoch or the labelled batches per pass."""
+    if config.steps_per_epoch is not None:
+        return config.steps_per_epoch
+    if config.examples_per_class is not None:
+        examples = config.examples_per_class * info.num_classes
+    else:
+        examples = info.splits[info.train_split]
+    return max(1, examples // config.batch_size)
+
+
+def _heatmap_images(eval_data, count):
+    """The first `count` eval images, float32 [N, S, S, 3]."""
+    images = []
+    for batch in eval_data:
+        x = batch[0]
+        if isinstance(x, dict):
+            x = x["image"]
+        images.append(x.numpy())
+        if sum(len(i) for i in images) >= count:
+            break
+    return np.concatenate(images)[:count]
+
+
+def _build_data(config, completed_epochs, counter):
+    """(train, eval) datasets; train is semi-supervised when config.unlabeled is set."""
+    # Shifting the seed by the completed epochs keeps a resumed run from
+    # replaying the shuffling order of the first epochs.
+    seed = config.seed + completed_epochs
+    corrupt = {"skip_corrupt_images": config.skip_corrupt_images, "corrupt_image_counter": counter}
+    train = data.train_dataset(
+        config.dataset,
+        config.batch_size,
+        config.image_size,
+        data_dir=config.data_dir,
+        examples_per_class=config.examples_per_class,
+        seed=seed,
+        classification_view=config.views == 3,
+        drop_remainder=True,
+        **corrupt,
+    )
+    if config.unlabeled is not None:
+        unlabeled = data.unlabeled_dataset(
+            config.unlabeled,
+            config.batch_size,
+            config.image_size,
+            data_dir=config.data_dir,
+            split=config.unlabeled_split,
+            seed=seed,
+            **corrupt,
+        )
+        train = data.semi_supervised_dataset(train, unlabeled)
+    evaluation = data.eval_dataset(
+        config.dataset, config.batch_size, config.image_size, data_dir=config.data_dir, **corrupt
+    )
+    return train, evaluation
+
+
+def _final_metrics(model, config, info):
+    """Final evaluation written to metrics.json; the explanation metrics hook in here.
+
+    Args:
+      model: the trained CGCModel.
+      config: the TrainConfig.
+      info: the data.DatasetInfo of config.dataset.
+
+    Returns:
+      dict of JSON-serialisable values: accuracy (top-1 on info.eval_split, in
+      [0, 1]), ce_loss and cgc_loss (under a random T) and the split name.
+    """
+    evaluation = data.eval_dataset(
+        config.dataset,
+        config.batch_size,
+        config.image_size,
+        data_dir=config.data_dir,
+        skip_corrupt_images=config.skip_corrupt_images,
+    )
+    results = model.evaluate(evaluation, verbose=0, return_dict=True)
+    return {
+        "eval_split": info.eval_split,
+        "accuracy": float(results["accuracy"]),
+        "ce_loss": float(results["ce_loss"]),
+        "cgc_loss": float(results["cgc_loss"]),
+    }
+
+
+def _suggestions(config):
+    causes = [
+        f"learning rate too high (learning_rate={config.learning_rate}); try a 3-10x "
+        "smaller one or warmup_epochs >= 1"
+    ]
+    if config.mixed_precision == "mixed_float16":
+        causes.append(
+            "mixed_float16 overflow: the dynamic loss scale could not keep up; try "
+            "mixed_bfloat16 or none"
+        )
+    if config.consistency == "contrastive":
+        causes.append(
+            f"temperature={config.temperature} too small for the consistency logits"
+        )
+    return causes
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def run_training(config, progress=True, callbacks=()):
+    """Trains a CGCModel as `config` says, resuming from model_dir, and evaluates it.
+
+    Args:
+      config: a TrainConfig (validated here).
+      progress: print progress bars and where the outputs went.
+      callbacks: extra keras callbacks for `fit` (run after the built-in ones).
+
+    Returns:
+      dict: the final metrics (also in model_dir/metrics.json).
+
+    Raises:
+      ValueError: invalid configuration (ConfigurationError after model checks).
+      callbacks_lib.NonFiniteLossError: a loss became NaN/inf; the last good
+        checkpoint is left intact.
+      callbacks_lib.TrainingPreempted: SIGTERM; a checkpoint was saved.
+    """
+    config.validate()
+    say = print if progress else (lambda *args, **kwargs: None)
+    model_dir = config.model_dir
+    backup_dir = os.path.join(model_dir, BACKUP_DIR)
+    if config.resume:
+        _check_resumable(config, model_dir, say)
+    else:
+        _reset_model_dir(model_dir)
+    completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(backup_dir)
+    log_path = os.path.join(model_dir, LOG_FILE)
+    callbacks_lib.truncate_csv_log(log_path, completed)
+    if completed:
+        say(f"Resuming from {backup_dir}: {completed} of {config.epochs} epochs done")
+    _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+
+    previous_policy = keras.mixed_precision.global_policy()
+    policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _train(config, completed, say, progress, callbacks)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(config, completed, say, progress, extra_callbacks):
+    model_dir = config.model_dir
+    if config.strategy == "multi_worker":
+        # Keras 3 fit does not support MultiWorkerMirroredStrategy; that path
+        # needs cgc_tf.custom_loop.train and its own checkpoints (not wired yet).
+        raise ConfigurationError(
+            "strategy='multi_worker' is not supported by run_training yet: Keras fit cannot "
+            "drive MultiWorkerMirroredStrategy; use strategy='mirrored' on one machine"
+        )
+    strategy = build_strategy(config)
+    _check_replicas(config, strategy)
+    info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
+    counter = data.CorruptImageCounter() if config.skip_corrupt_images else None
+    train_data, eval_data = _build_data(config, completed, counter)
+    steps_per_epoch = _steps_per_epoch(config, info)
+    # Repeated, with a fixed number of steps per epoch: the schedule needs the
+    # count up front, and skipped corrupt images must not end an epoch early.
+    train_data = train_data.repeat()
+
+    with strategy.scope():
+        backbone, target_layer = build_backbone(config, info.num_classes, say)
+        model = CGCModel(
+            backbone,
+            target_layer=target_layer,
+            lambda_=config.lambda_,
+            temperature=config.temperature,
+            consistency=config.consistency,
+            views=config.views,
+            augmentation=PairedAugmentation(area_range=(config.transform_min_area, 1.0)),
+            global_negatives=config.global_negatives,
+        )
+        model(tf.zeros((1, config.image_size, config.image_size, 3)))
+        optimizer = keras.optimizers.SGD(
+            learning_rate=learning_rate_schedule(config, steps_per_epoch),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay or None,
+        )
+        model.compile(
+            optimizer=optimizer, metrics=["accuracy"], jit_compile=_JIT_COMPILE[config.jit_compile]
+        )
+
+    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, BACKUP_DIR))
+    csv_logger = callbacks_lib.ResumableCSVLogger(
+        os.path.join(model_dir, LOG_FILE), append=completed > 0
+    )
+    tensorboard_dir = os.path.join(model_dir, TENSORBOARD_DIR)
+    # Order matters: the loggers run before the checkpoint, so a kill between the
+    # two re-runs the epoch (and truncate_csv_log drops its first row) rather
+    # than losing its row.
+    fit_callbacks = [
+        callbacks_lib.StopOnNonFiniteLoss(
+            checkpoint_description=(
+                f"The last good state (end of the last completed epoch) is in "
+                f"{os.path.join(model_dir, CHECKPOINT_DIR)}; fix the cause and re-run to "
+                "resume from it."
+            ),
+            suggestions=_suggestions(config),
+        ),
+        callbacks_lib.LearningRateLogger(),
+        csv_logger,
+        callbacks_lib.EpochSummaries(tensorboard_dir),
+        callbacks_lib.HeatmapSummary(
+            _heatmap_images(eval_data, HEATMAP_IMAGES),
+            os.path.join(tensorboard_dir, "heatmaps"),
+            every=config.eval_every,
+        ),
+        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, EPOCH_MODEL_FILE)),
+        backup,
+        *extra_callbacks,
+    ]
+    verbose = (1 if _is_interactive() else 2) if progress else 0
+    start = time.monotonic()
+    try:
+        history = model.fit(
+            train_data,
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=eval_data,
+            validation_freq=config.eval_every,
+            callbacks=fit_callbacks,
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+    finally:
+        backup.uninstall_signal_handler()
+        csv_logger.on_train_end()
+    train_seconds = time.monotonic() - start
+    epochs_run = len(history.epoch)
+
+    model_path = os.path.join(model_dir, MODEL_FILE)
+    model.save(model_path)
+    _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+    metrics = _final_metrics(model, config, info)
+    metrics["epochs"] = config.epochs
+    metrics["epochs_run_this_time"] = epochs_run
+    if epochs_run:
+        metrics["mean_epoch_seconds_this_time"] = train_seconds / epochs_run
+    skipped = None if counter is None else counter.count
+    if skipped is not None:
+        metrics["skipped_corrupt_images"] = skipped
+    _write_json(os.path.join(model_dir, METRICS_FILE), metrics)
+
+    say(f"Trained {config.epochs} epochs ({epochs_run} in this run, {train_seconds:.0f} s).")
+    if skipped:
+        say(f"Skipped {skipped} corrupt image(s) while reading {config.dataset!r}.")
+    say(f"{info.eval_split} accuracy: {metrics['accuracy']:.4f}")
+    say(f"Outputs in {os.path.abspath(model_dir)}:")
+    say(f"  {MODEL_FILE} (final model), {CONFIG_FILE}, {METRICS_FILE}, {LOG_FILE}")
+    say(f"  {CHECKPOINT_DIR}/ (resume state), {TENSORBOARD_DIR}/ (tensorboard --logdir)")
+    return metrics
+
+
+def _is_interactive():
+    return sys.stdout.isatty()

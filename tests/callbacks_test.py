@@ -1,0 +1,162 @@
+"""Tests of cgc_tf.callbacks on a tiny Keras model (no CGC training)."""
+
+import csv
+import glob
+import json
+import os
+import signal
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+from cgc_tf import callbacks
+from tests import testing_models
+
+
+def _tiny_regression():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss="mse", jit_compile=False)
+    x = np.ones((8, 3), np.float32)
+    y = np.zeros((8, 1), np.float32)
+    return model, x, y
+
+
+def _events(directory):
+    values = []
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            values.extend((event.step, value) for value in event.summary.value)
+    return values
+
+
+class _SendSigterm(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch, self._current = epoch, batch, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._current, batch) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class CallbacksTest(tf.test.TestCase):
+
+    def test_stop_on_non_finite_loss_message(self):
+        stop = callbacks.StopOnNonFiniteLoss("last good: /x", suggestions=["lower the rate"])
+        stop.on_epoch_begin(2)
+        stop.on_train_batch_end(4, {"loss": 1.0, "ce_loss": 0.5, "cgc_loss": 1.0})
+        with self.assertRaises(callbacks.NonFiniteLossError) as raised:
+            stop.on_train_batch_end(
+                5, {"loss": tf.constant(np.inf), "ce_loss": 0.5, "cgc_loss": np.nan}
+            )
+        message = str(raised.exception)
+        for fragment in ("epoch 3, step 6", "loss=inf", "ce_loss=0.5", "cgc_loss=nan",
+                         "last good: /x", "- lower the rate"):
+            self.assertIn(fragment, message)
+
+    def test_truncate_csv_log_keeps_completed_epochs(self):
+        path = os.path.join(self.get_temp_dir(), "log.csv")
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["epoch", "loss"], ["0", "1.0"], ["1", "0.9"], ["2", "0.8"]])
+        callbacks.truncate_csv_log(path, completed_epochs=2)
+        with open(path, newline="") as f:
+            self.assertEqual(list(csv.reader(f)), [["epoch", "loss"], ["0", "1.0"], ["1", "0.9"]])
+        callbacks.truncate_csv_log(os.path.join(self.get_temp_dir(), "missing.csv"), 0)
+
+    def test_resumable_csv_logger_keeps_existing_columns(self):
+        path = os.path.join(self.get_temp_dir(), "log.csv")
+        first = callbacks.ResumableCSVLogger(path)
+        first.on_train_begin()
+        # No validation in the first epoch: val_ columns still exist, except for
+        # train-only keys such as the learning rate.
+        first.on_epoch_end(0, {"loss": 1.0, "learning_rate": 0.1})
+        first.on_epoch_end(1, {"loss": 0.5, "learning_rate": 0.1, "val_loss": 0.7})
+        first.on_train_end()
+        resumed = callbacks.ResumableCSVLogger(path, append=True)
+        resumed.on_train_begin()
+        resumed.on_epoch_end(2, {"loss": 0.25, "learning_rate": 0.01, "val_loss": 0.3})
+        resumed.on_train_end()
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        self.assertEqual(rows[0], ["epoch", "learning_rate", "loss", "val_loss"])
+        self.assertEqual(rows[1:], [["0", "0.1", "1.0", "NA"], ["1", "0.1", "0.5", "0.7"],
+                                    ["2", "0.01", "0.25", "0.3"]])
+
+    def test_backup_restores_and_keeps_finished_state(self):
+        backup_dir = os.path.join(self.get_temp_dir(), "backup")
+        model, x, y = _tiny_regression()
+        model.fit(x, y, epochs=2, verbose=0,
+                  callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(callbacks.PreemptibleBackupAndRestore.completed_epochs(backup_dir), 2)
+        again, x, y = _tiny_regression()
+        history = again.fit(x, y, epochs=3, verbose=0,
+                            callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(history.epoch, [2])
+        self.assertEqual(int(again.optimizer.iterations), 3)
+
+    def test_sigterm_saves_then_raises_and_restores_handler(self):
+        backup_dir = os.path.join(self.get_temp_dir(), "sigterm")
+        previous = signal.getsignal(signal.SIGTERM)
+        model, x, y = _tiny_regression()
+        backup = callbacks.PreemptibleBackupAndRestore(backup_dir)
+        with self.assertRaisesRegex(callbacks.TrainingPreempted, "epoch 2, step 3"):
+            try:
+                model.fit(x, y, batch_size=2, epochs=5, verbose=0,
+                          callbacks=[backup, _SendSigterm(epoch=1, batch=2)])
+            finally:
+                backup.uninstall_signal_handler()
+        self.assertEqual(signal.getsignal(signal.SIGTERM), previous)
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            # The unfinished epoch 1 (0-based) restarts on resume.
+            self.assertEqual(json.load(f), {"epoch": 1, "batch": 2})
+        saved = model.get_weights()
+        resumed, x, y = _tiny_regression()
+        history = resumed.fit(x, y, batch_size=2, epochs=2, verbose=0,
+                              callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(history.epoch, [1])
+        self.assertNotAllClose(resumed.get_weights()[0], saved[0])
+
+    def test_summaries_are_tensorboard_events(self):
+        log_dir = self.get_temp_dir()
+        summaries = callbacks.EpochSummaries(log_dir)
+        summaries.on_epoch_end(0, {"loss": 2.0, "val_loss": 3.0})
+        summaries.on_train_end()
+        (step, value), = _events(os.path.join(log_dir, "train"))
+        self.assertEqual((step, value.tag, value.metadata.plugin_data.plugin_name),
+                         (1, "epoch_loss", "scalars"))
+        self.assertAllClose(tf.make_ndarray(value.tensor), 2.0)
+        (_, value), = _events(os.path.join(log_dir, "validation"))
+        self.assertAllClose(tf.make_ndarray(value.tensor), 3.0)
+
+    def test_heatmap_summary_writes_side_by_side_pngs(self):
+        log_dir = self.get_temp_dir()
+        backbone = testing_models.tiny_convnet(image_size=16, num_classes=3)
+        from cgc_tf.model import CGCModel  # noqa: PLC0415
+
+        model = CGCModel(backbone, target_layer="features")
+        images = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+        summary = callbacks.HeatmapSummary(images, log_dir, every=2)
+        summary.set_model(model)
+        summary.on_epoch_end(0)  # epoch 1: not a multiple of 2
+        self.assertEmpty(_events(log_dir))
+        summary.on_epoch_end(1)
+        summary.on_train_end()
+        (step, value), = _events(log_dir)
+        self.assertEqual((step, value.tag, value.metadata.plugin_data.plugin_name),
+                         (2, "heatmaps", "images"))
+        tensor = tf.make_ndarray(value.tensor)
+        self.assertEqual(list(tensor[:2]), [b"32", b"16"])  # width, height
+        decoded = tf.io.decode_png(tensor[2]).numpy()
+        self.assertEqual(decoded.shape, (16, 32, 3))
+        self.assertAllEqual(decoded[:, :16], np.round(images[0] * 255).astype(np.uint8))
+
+
+if __name__ == "__main__":
+    tf.test.main()
