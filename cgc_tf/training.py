@@ -35,6 +35,7 @@ from cgc_tf import backbones
 from cgc_tf import callbacks as callbacks_lib
 from cgc_tf import data
 from cgc_tf import distribute
+from cgc_tf import evaluation as evaluation_lib
 from cgc_tf.augment import PairedAugmentation
 from cgc_tf.model import CGCModel
 
@@ -42,6 +43,14 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.csv"
+# Explanation metrics printed at the end of a run (all are in metrics.json).
+HEADLINE_METRICS = (
+    "content_heatmap_percent",
+    "consistency_cosine",
+    "consistency_pearson",
+    "insertion_auc",
+    "deletion_auc",
+)
 CHECKPOINT_DIR = "checkpoints"
 BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
 EPOCH_MODEL_FILE = os.path.join(CHECKPOINT_DIR, "last_epoch.keras")
@@ -345,12 +354,30 @@ def _final_metrics(model, config, info):
         skip_corrupt_images=config.skip_corrupt_images,
     )
     results = model.evaluate(evaluation, verbose=0, return_dict=True)
-    return {
+    metrics = {
         "eval_split": info.eval_split,
         "accuracy": float(results["accuracy"]),
         "ce_loss": float(results["ce_loss"]),
         "cgc_loss": float(results["cgc_loss"]),
     }
+    explained = data.eval_dataset(
+        config.dataset,
+        config.batch_size,
+        config.image_size,
+        data_dir=config.data_dir,
+        with_boxes=info.has_bounding_boxes,
+        skip_corrupt_images=config.skip_corrupt_images,
+    )
+    # Explanation metrics cost ~30 forward passes per image (insertion/deletion);
+    # a run shortened by steps_per_epoch gets an evaluation shortened alike.
+    max_images = None if config.steps_per_epoch is None else config.batch_size * config.steps_per_epoch
+    explanation = evaluation_lib.evaluate_model(
+        model, explained, augmentation_seed=config.seed, progress=False, max_images=max_images
+    )
+    metrics["explanations"] = {
+        key: value for key, value in explanation.items() if not key.endswith("_count")
+    }
+    return metrics
 
 
 def _suggestions(config):
@@ -523,6 +550,10 @@ def _train(config, completed, say, progress, extra_callbacks):
     if skipped:
         say(f"Skipped {skipped} corrupt image(s) while reading {config.dataset!r}.")
     say(f"{info.eval_split} accuracy: {metrics['accuracy']:.4f}")
+    for key in HEADLINE_METRICS:
+        value = metrics["explanations"].get(key)
+        if value is not None:
+            say(f"{info.eval_split} {key}: {value:.4f}")
     say(f"Outputs in {os.path.abspath(model_dir)}:")
     say(f"  {MODEL_FILE} (final model), {CONFIG_FILE}, {METRICS_FILE}, {LOG_FILE}")
     say(f"  {CHECKPOINT_DIR}/ (resume state), {TENSORBOARD_DIR}/ (tensorboard --logdir)")
