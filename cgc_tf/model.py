@@ -126,12 +126,6 @@ class CGCModel(keras.Model):
             )
         if jit_compile is True:
             self.augmentation.require_xla_compatible()
-            if tf.distribute.has_strategy() and distribute.num_replicas_in_sync() > 1:
-                raise ValueError(
-                    "jit_compile=True with several replicas: Keras' fit cannot run an "
-                    "XLA-compiled step under MirroredStrategy (resources on another "
-                    "device); compile each replica's step without XLA (jit_compile=False)"
-                )
         super().compile(optimizer=optimizer, metrics=metrics, jit_compile=jit_compile, **kwargs)
         if self.jit_compile and not self.augmentation.xla_compatible:
             # "auto" chose XLA (an accelerator is present); fall back rather than fail.
