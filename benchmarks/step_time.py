@@ -1,0 +1,329 @@
+"""Seconds per optimizer step and peak memory: a plain classifier step vs the CGC step.
+
+  python -m benchmarks.step_time --arch=resnet18 --image_size=224 --batch_size=16
+  python -m benchmarks.step_time --arch=resnet50 --batch_size=8 --jit_compile=false,true
+  python -m benchmarks.step_time --arch=small_resnet --image_size=48 --dtype_policy=mixed_bfloat16
+
+Variants (`--variants`), all with the same backbone architecture, batch, image
+size and SGD optimizer:
+  plain  the backbone compiled as an ordinary Keras classifier (sparse
+         cross-entropy from logits), one view: the cost CGC is compared with;
+  cgc3   `CGCModel(views=3)`, METHOD.md's step (CE on x_xe, x_orig, x_aug +
+         Grad-CAM consistency);
+  cgc2   `CGCModel(views=2)`, the faster variant without the x_xe view.
+Every variant x `--jit_compile` setting is built in this one process and the
+timed steps are interleaved (`common.interleaved_times`), so the CGC / plain
+ratio (the median of the per-round ratios) holds up on a loaded machine.
+
+Peak memory (`--memory=subprocess`) is measured per variant in a fresh process
+(so peaks do not mix), over `--memory_steps` steps after `--warmup_steps`
+(statistics reset after warm-up):
+  * "peak MiB": TensorFlow's allocator peak (`tf.config.experimental.
+    get_memory_info`) of the device: the GPU's, or on CPU the host allocator's,
+    which the probe switches to the BFC allocator (TF_CPU_ALLOCATOR_USE_BFC=true)
+    because only that one keeps statistics. It counts tensors (weights,
+    optimizer slots, activations kept for the backward pass, workspaces), not
+    the runtime, the Python heap or the traced graphs;
+  * "step MiB": that peak minus the allocator's use before those steps
+    (weights, optimizer slots, the input batch): what one step adds;
+  * "peak RSS MiB": the process's resident-set high-water mark (VmHWM) over
+    the same steps, everything included (TensorFlow itself, the traced graphs
+    and the allocator's pooled free memory too).
+The allocator peak depends on the order in which the executor runs independent
+ops, so it varies from run to run (by ~15% for ResNet-18 on 2 cores).
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+VARIANTS = common.STEP_VARIANTS
+ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
+JIT_SETTINGS = ("false", "true", "auto")
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+_ARCH = flags.DEFINE_enum("arch", "resnet18", ARCHS, "Backbone (cgc_tf.backbones.build).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input side S in pixels (>= 8).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 16, "Global batch size (>= 1), split evenly over --replicas."
+)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes (>= 2).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", list(VARIANTS), f"Steps to time, a subset of {list(VARIANTS)}."
+)
+_JIT_COMPILE = flags.DEFINE_list(
+    "jit_compile",
+    ["false"],
+    f"XLA settings to time, a subset of {list(JIT_SETTINGS)} (each variant once per setting).",
+)
+_DTYPE_POLICY = flags.DEFINE_enum(
+    "dtype_policy", "float32", DTYPE_POLICIES, "Keras dtype policy (mixed precision)."
+)
+_REPLICAS = flags.DEFINE_integer(
+    "replicas",
+    1,
+    "Strategy replicas (>= 1): MirroredStrategy over this many GPUs, or over as many logical "
+    "CPU devices carved from the CPU on a machine without GPUs.",
+)
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per variant (>= 1).")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per variant (>= 1).")
+_MEMORY = flags.DEFINE_enum(
+    "memory",
+    "subprocess",
+    ("subprocess", "none"),
+    "Peak memory: measured in one fresh process per variant, or not measured.",
+)
+_MEMORY_STEPS = flags.DEFINE_integer(
+    "memory_steps", 2, "Steps measured by each memory probe, after --warmup_steps (>= 1)."
+)
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", 0.01, "SGD learning rate (momentum 0.9, weight decay 1e-4) of every variant."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the random batch.")
+_PROBE = flags.DEFINE_string(
+    "probe", None, "Internal: measure the memory of one 'variant:jit' in this process and exit."
+)
+
+
+def _check_flags():
+    unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+    if unknown or not _VARIANTS.value:
+        raise app.UsageError(
+            f"--variants={_VARIANTS.value} must be a non-empty subset of {list(VARIANTS)}"
+        )
+    unknown = sorted(set(_JIT_COMPILE.value) - set(JIT_SETTINGS))
+    if unknown or not _JIT_COMPILE.value:
+        raise app.UsageError(
+            f"--jit_compile={_JIT_COMPILE.value} must be a non-empty subset of {list(JIT_SETTINGS)}"
+        )
+    for name, value, minimum in (
+        ("image_size", _IMAGE_SIZE.value, 8),
+        ("batch_size", _BATCH_SIZE.value, 1),
+        ("num_classes", _NUM_CLASSES.value, 2),
+        ("replicas", _REPLICAS.value, 1),
+        ("warmup_steps", _WARMUP_STEPS.value, 1),
+        ("timed_steps", _TIMED_STEPS.value, 1),
+        ("memory_steps", _MEMORY_STEPS.value, 1),
+    ):
+        if value < minimum:
+            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
+    if _BATCH_SIZE.value % _REPLICAS.value:
+        raise app.UsageError(
+            f"--batch_size={_BATCH_SIZE.value} must be a multiple of --replicas={_REPLICAS.value}"
+        )
+
+
+def _configure_devices(replicas):
+    """Carves `replicas` logical CPU devices when there is no GPU (before TF starts)."""
+    import tensorflow as tf
+
+    if replicas > 1 and not tf.config.list_physical_devices("GPU"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
+        )
+
+
+def _strategy(replicas):
+    """The default strategy for one replica, else MirroredStrategy over `replicas` devices."""
+    import tensorflow as tf
+
+    if replicas == 1:
+        return tf.distribute.get_strategy()
+    # cgc_tf.distribute.strategy_from_name("mirrored") takes every GPU; the benchmark
+    # needs exactly `replicas` devices, so it names them.
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    if len(devices) < replicas:
+        raise app.UsageError(
+            f"--replicas={replicas} but only {len(devices)} devices: {[d.name for d in devices]}"
+        )
+    return tf.distribute.MirroredStrategy([device.name for device in devices[:replicas]])
+
+
+def _build(variant, jit):
+    return common.build_step_model(
+        variant,
+        _ARCH.value,
+        _IMAGE_SIZE.value,
+        _NUM_CLASSES.value,
+        jit,
+        _LEARNING_RATE.value,
+        _SEED.value,
+    )
+
+
+def _batch():
+    return common.random_batch(
+        _BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, _SEED.value
+    )
+
+
+def _configurations():
+    return [(variant, jit) for jit in _JIT_COMPILE.value for variant in _VARIANTS.value]
+
+
+def _description(variant, jit):
+    return {
+        "benchmark": "step_time",
+        "variant": variant,
+        "views": 1 if variant == "plain" else int(variant[3]),
+        "arch": _ARCH.value,
+        "image_size": _IMAGE_SIZE.value,
+        "batch_size": _BATCH_SIZE.value,
+        "num_classes": _NUM_CLASSES.value,
+        "jit_compile": jit,
+        "dtype_policy": _DTYPE_POLICY.value,
+        "replicas": _REPLICAS.value,
+    }
+
+
+def _probe_memory(variant, jit):
+    """Child process: memory of `variant` with XLA setting `jit`; prints the probe result."""
+    import tensorflow as tf
+
+    strategy = _strategy(_REPLICAS.value)
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")[:1]
+    batch = _batch()
+    with strategy.scope():
+        model = _build(variant, jit)
+    step = common.make_train_step(model, variant, batch, strategy)
+    for _ in range(_WARMUP_STEPS.value):
+        step()
+
+    def allocator(key):
+        return sum(tf.config.experimental.get_memory_info(d.name)[key] for d in devices)
+
+    result = {"allocator_before_steps": allocator("current")}
+    for device in devices:
+        tf.config.experimental.reset_memory_stats(device.name)
+    reset = common.reset_peak_rss()
+    for _ in range(_MEMORY_STEPS.value):
+        step()
+    result["allocator_peak"] = allocator("peak")
+    result["peak_rss"] = common.peak_rss_bytes() if reset else None
+    common.print_probe_result(result)
+
+
+def _memory_of(variant, jit, argv):
+    """Runs `_probe_memory` in a fresh process; returns the memory fields of a record."""
+    # Only the BFC allocator keeps the statistics get_memory_info reads on CPU.
+    probe = common.run_probe(
+        "benchmarks.step_time",
+        argv + [f"--probe={variant}:{jit}"],
+        env={"TF_CPU_ALLOCATOR_USE_BFC": "true"},
+    )
+    peak = common.mebibytes(probe["allocator_peak"])
+    return {
+        "peak_mib": peak,
+        "step_mib": peak - common.mebibytes(probe["allocator_before_steps"]),
+        "peak_rss_mib": common.mebibytes(probe["peak_rss"]),
+    }
+
+
+def _passed_flags(argv):
+    """The command-line flags of this run, minus --probe, for the probe processes."""
+    return [arg for arg in argv[1:] if not arg.startswith("--probe")]
+
+
+def run(argv):
+    """Times every configuration; returns (machine description, records)."""
+    import keras
+    import tensorflow as tf
+
+    strategy = _strategy(_REPLICAS.value)
+    description = common.machine_description()
+    batch = _batch()
+    steps = {}
+    with strategy.scope():
+        for variant, jit in _configurations():
+            model = _build(variant, jit)
+            steps[(variant, jit)] = common.make_train_step(model, variant, batch, strategy)
+            # "auto" resolves inside compile; record what it chose.
+            steps[(variant, jit)].resolved_jit = bool(model.jit_compile)
+    times = common.interleaved_times(steps, _WARMUP_STEPS.value, _TIMED_STEPS.value)
+    description["load_average_after"] = common.load_average()
+    records = []
+    for variant, jit in _configurations():
+        record = _description(variant, jit)
+        record.update(common.summarize(times[(variant, jit)]))
+        record["xla"] = steps[(variant, jit)].resolved_jit
+        record["images_per_s"] = _BATCH_SIZE.value / record["median_s"]
+        if ("plain", jit) in times:
+            plain_times = times[("plain", jit)]
+            record["plain_median_s"] = common.summarize(plain_times)["median_s"]
+            record["ratio_to_plain"] = common.paired_ratio(
+                times[(variant, jit)]["wall"], plain_times["wall"]
+            )
+            record["cpu_ratio_to_plain"] = common.paired_ratio(
+                times[(variant, jit)]["cpu"], plain_times["cpu"]
+            )
+        record["device"] = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        record["keras_dtype_policy"] = keras.config.dtype_policy().name
+        records.append(record)
+    if _MEMORY.value == "subprocess":
+        for record in records:
+            record.update(_memory_of(record["variant"], record["jit_compile"], _passed_flags(argv)))
+        plain = {r["jit_compile"]: r for r in records if r["variant"] == "plain"}
+        for record in records:
+            reference = plain.get(record["jit_compile"])
+            if reference is not None:
+                record["peak_ratio"] = record["peak_mib"] / reference["peak_mib"]
+                record["step_memory_ratio"] = record["step_mib"] / reference["step_mib"]
+    for record in records:
+        record["machine"] = description
+    return description, records
+
+
+COLUMNS = [
+    ("variant", "variant"),
+    ("jit_compile", "jit"),
+    ("median_s", "median s"),
+    ("min_s", "min s"),
+    ("max_s", "max s"),
+    ("plain_median_s", "plain s"),
+    ("ratio_to_plain", "x plain"),
+    ("cpu_median_s", "CPU s"),
+    ("cpu_ratio_to_plain", "CPU x plain"),
+    ("images_per_s", "img/s"),
+    ("peak_mib", "peak MiB"),
+    ("peak_ratio", "peak x plain"),
+    ("step_mib", "step MiB"),
+    ("step_memory_ratio", "step x plain"),
+    ("peak_rss_mib", "peak RSS MiB"),
+]
+
+
+def main(argv):
+    _check_flags()
+    import keras
+
+    _configure_devices(_REPLICAS.value)
+    keras.mixed_precision.set_dtype_policy(_DTYPE_POLICY.value)
+    if _PROBE.value:
+        variant, _, jit = _PROBE.value.partition(":")
+        if variant not in VARIANTS or jit not in JIT_SETTINGS:
+            raise app.UsageError(f"--probe={_PROBE.value!r} must be 'variant:jit'")
+        _probe_memory(variant, jit)
+        return
+    description, records = run(argv)
+    print(common.format_machine(description))
+    print(
+        f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value}, "
+        f"{_DTYPE_POLICY.value}, {_REPLICAS.value} replica(s), {_WARMUP_STEPS.value} warm-up + "
+        f"{_TIMED_STEPS.value} timed steps per variant, interleaved; x plain = median of "
+        "per-round ratios (wall clock; CPU = this process's CPU time); peak = TF allocator "
+        "peak over the memory steps, step = peak - allocator use before them (see the "
+        "module docstring)"
+    )
+    print(common.format_table(records, COLUMNS))
+    common.emit_records(records)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,201 @@
+"""Tests of benchmarks/: the shared helpers, and each benchmark end to end on a tiny setup.
+
+The end-to-end tests run the benchmarks as `python -m benchmarks.<name>` on tiny
+models and images and check the printed table and JSON lines; they make no
+assertion on timings (the machine is shared), only on what must hold whatever
+the speed.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import parameterized
+import pytest
+import tensorflow as tf
+
+from benchmarks import common
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_benchmark(module, *flags):
+    """Runs a benchmark module; returns (table lines, JSON records)."""
+    environment = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=_ROOT,
+        env=environment,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    table = [line for line in lines if not line.startswith("{")]
+    return table, records
+
+
+class CommonTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_interleaved_times_rotates_the_order(self):
+        calls = []
+        functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+        times = common.interleaved_times(functions, warmup_steps=1, timed_steps=3)
+        # Warm-up in order, then rounds rotated by one position each.
+        self.assertEqual(calls, list("abc") + list("abc") + list("bca") + list("cab"))
+        for name in "abc":
+            self.assertLen(times[name]["wall"], 3)
+            self.assertLen(times[name]["cpu"], 3)
+            self.assertTrue(all(value >= 0 for value in times[name]["wall"]))
+
+    def test_interleaved_times_rejects_zero_steps(self):
+        with self.assertRaisesRegex(ValueError, "timed_steps=0"):
+            common.interleaved_times({"a": lambda: None}, 1, 0)
+
+    def test_summarize(self):
+        summary = common.summarize({"wall": [3.0, 1.0, 2.0, 10.0], "cpu": [1.0, 1.0, 2.0, 2.0]})
+        self.assertEqual(summary["median_s"], 2.5)
+        self.assertEqual(summary["min_s"], 1.0)
+        self.assertEqual(summary["max_s"], 10.0)
+        self.assertEqual(summary["cpu_median_s"], 1.5)
+        self.assertEqual(summary["timed_steps"], 4)
+
+    def test_paired_ratio_is_the_median_of_per_round_ratios(self):
+        # Round 2 ran under load: both got slower, the ratio did not change.
+        self.assertAllClose(common.paired_ratio([3.0, 30.0, 3.3], [1.0, 10.0, 1.0]), 3.0)
+
+    def test_format_table(self):
+        table = common.format_table(
+            [{"name": "plain", "seconds": 0.5}, {"name": "cgc3", "seconds": 1234.5}],
+            [("name", "variant"), ("seconds", "s"), ("missing", "other")],
+        )
+        lines = table.splitlines()
+        self.assertLen(lines, 4)
+        self.assertEqual(lines[0].split(), ["variant", "s", "other"])
+        self.assertEqual(lines[2].split(), ["plain", "0.500", "-"])
+        self.assertEqual(lines[3].split(), ["cgc3", "1234", "-"])
+
+    def test_emit_records_writes_one_json_object_per_line(self):
+        stream = io.StringIO()
+        common.emit_records([{"b": 1, "a": [1, 2]}, {"c": None}], stream)
+        self.assertEqual(
+            [json.loads(line) for line in stream.getvalue().splitlines()],
+            [{"a": [1, 2], "b": 1}, {"c": None}],
+        )
+
+    def test_peak_rss_is_at_least_current_rss(self):
+        current = common.current_rss_bytes()
+        if current is None:
+            self.skipTest("no /proc/self/status on this platform")
+        self.assertGreaterEqual(common.peak_rss_bytes(), current)
+
+    def test_jit_value(self):
+        self.assertIs(common.jit_value("false"), False)
+        self.assertEqual(common.jit_value("auto"), "auto")
+        with self.assertRaisesRegex(ValueError, "jit_compile='yes'"):
+            common.jit_value("yes")
+
+
+@pytest.mark.slow
+class BenchmarksEndToEndTest(tf.test.TestCase):
+
+    def test_step_time(self):
+        table, records = _run_benchmark(
+            "step_time",
+            "--arch=small_resnet",
+            "--image_size=16",
+            "--batch_size=4",
+            "--num_classes=3",
+            # Two variants: each costs a memory-probe process (a TensorFlow start).
+            "--variants=plain,cgc2",
+            "--warmup_steps=1",
+            "--timed_steps=2",
+            "--memory_steps=1",
+        )
+        self.assertTrue(any(line.startswith("device:") for line in table))
+        self.assertTrue(any("x plain" in line and "peak MiB" in line for line in table))
+        self.assertEqual([r["variant"] for r in records], ["plain", "cgc2"])
+        for record in records:
+            self.assertEqual(record["timed_steps"], 2)
+            self.assertLessEqual(record["min_s"], record["median_s"])
+            self.assertLessEqual(record["median_s"], record["max_s"])
+            self.assertGreater(record["peak_mib"], 0)
+            self.assertGreaterEqual(record["step_mib"], 0)
+            self.assertEqual(record["device"], "CPU")
+        plain = records[0]
+        self.assertEqual(plain["ratio_to_plain"], 1.0)
+        self.assertEqual(plain["peak_ratio"], 1.0)
+        self.assertEqual([r["views"] for r in records], [1, 2])
+
+    def test_explain_latency(self):
+        table, records = _run_benchmark(
+            "explain_latency",
+            "--arch=small_resnet",
+            "--image_size=16",
+            "--num_classes=3",
+            "--batch_sizes=1,2",
+            "--warmup_calls=1",
+            "--timed_calls=2",
+        )
+        self.assertTrue(any("heatmap overhead" in line for line in table))
+        self.assertEqual(
+            [(r["surface"], r["batch_size"]) for r in records],
+            [(s, b) for s in ("keras", "saved_model", "onnx") for b in (1, 2)],
+        )
+        for record in records:
+            self.assertGreater(record["predict_median_ms"], 0)
+            self.assertGreater(record["explain_median_ms"], 0)
+            # The backbone has a pooling + dense head: exports use the closed form.
+            expected = "gradient_tape" if record["surface"] == "keras" else "closed_form"
+            self.assertEqual(record["heatmap_method"], expected)
+
+    def test_input_pipeline(self):
+        table, records = _run_benchmark(
+            "input_pipeline",
+            "--num_images=10",
+            "--jpeg_width=40",
+            "--jpeg_height=30",
+            "--num_classes=2",
+            "--image_size=16",
+            "--batch_size=4",
+            "--epochs=2",
+            "--arch=small_resnet",
+            "--consumer_steps=1",
+        )
+        self.assertTrue(any("CGC step img/s" in line for line in table))
+        epochs = [r for r in records if r["kind"] == "pipeline_epoch"]
+        self.assertEqual([r["epoch"] for r in epochs], [1, 2])
+        # Incomplete batches are dropped: 2 batches of 4 out of 10 images.
+        self.assertEqual([r["images"] for r in epochs], [8, 8])
+        summary = records[-1]
+        self.assertEqual(summary["kind"], "summary")
+        self.assertAllClose(
+            summary["pipeline_to_step_ratio"],
+            summary["pipeline_images_per_s"] / summary["consumer_images_per_s"],
+        )
+
+    def test_reference_torch(self):
+        try:
+            import torch  # noqa: F401  (optional benchmark dependency)
+        except ImportError:
+            self.skipTest("torch is not installed (optional, see docs/performance.md)")
+        table, records = _run_benchmark(
+            "reference_torch",
+            "--arch=resnet18",
+            "--image_size=32",
+            "--batch_size=2",
+            "--num_classes=3",
+            "--warmup_steps=1",
+            "--timed_steps=1",
+        )
+        self.assertTrue(any("x plain" in line for line in table))
+        self.assertEqual([r["variant"] for r in records], ["plain", "cgc3", "cgc2"])
+        self.assertEqual(records[0]["ratio_to_plain"], 1.0)
+
+
+if __name__ == "__main__":
+    tf.test.main()
