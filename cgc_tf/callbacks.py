@@ -107,6 +107,22 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._preempted = False
         self._previous_handler = None
 
+    def _save_model(self):
+        """Keras' save, made atomic: a kill mid-write never leaves a half-written file.
+
+        Keras writes `latest.weights.h5` and the metadata in place; here both go to
+        temporary files first and are renamed (atomic on POSIX), the metadata last,
+        so a restart always finds the last complete pair.
+        """
+        os.makedirs(self.backup_dir, exist_ok=True)
+        temporary_weights = self._weights_path + ".tmp.weights.h5"
+        self.model.save_weights(filepath=temporary_weights, overwrite=True)
+        os.replace(temporary_weights, self._weights_path)
+        temporary_metadata = self._training_metadata_path + ".tmp"
+        with open(temporary_metadata, "w") as f:
+            f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+        os.replace(temporary_metadata, self._training_metadata_path)
+
     @staticmethod
     def completed_epochs(backup_dir):
         """Epochs recorded as completed in `backup_dir` (0 when there is no backup)."""
