@@ -346,21 +346,9 @@ def _final_metrics(model, config, info):
       dict of JSON-serialisable values: accuracy (top-1 on info.eval_split, in
       [0, 1]), ce_loss and cgc_loss (under a random T) and the split name.
     """
+    # One pipeline serves both evaluations: with boxes it yields dicts, which
+    # model.evaluate needs as (x, y).
     evaluation = data.eval_dataset(
-        config.dataset,
-        config.batch_size,
-        config.image_size,
-        data_dir=config.data_dir,
-        skip_corrupt_images=config.skip_corrupt_images,
-    )
-    results = model.evaluate(evaluation, verbose=0, return_dict=True)
-    metrics = {
-        "eval_split": info.eval_split,
-        "accuracy": float(results["accuracy"]),
-        "ce_loss": float(results["ce_loss"]),
-        "cgc_loss": float(results["cgc_loss"]),
-    }
-    explained = data.eval_dataset(
         config.dataset,
         config.batch_size,
         config.image_size,
@@ -368,11 +356,21 @@ def _final_metrics(model, config, info):
         with_boxes=info.has_bounding_boxes,
         skip_corrupt_images=config.skip_corrupt_images,
     )
+    labelled = evaluation
+    if info.has_bounding_boxes:
+        labelled = evaluation.map(lambda batch: ({"image": batch["image"]}, batch["label"]))
+    results = model.evaluate(labelled, verbose=0, return_dict=True)
+    metrics = {
+        "eval_split": info.eval_split,
+        "accuracy": float(results["accuracy"]),
+        "ce_loss": float(results["ce_loss"]),
+        "cgc_loss": float(results["cgc_loss"]),
+    }
     # Explanation metrics cost ~30 forward passes per image (insertion/deletion);
     # a run shortened by steps_per_epoch gets an evaluation shortened alike.
     max_images = None if config.steps_per_epoch is None else config.batch_size * config.steps_per_epoch
     explanation = evaluation_lib.evaluate_model(
-        model, explained, augmentation_seed=config.seed, progress=False, max_images=max_images
+        model, evaluation, augmentation_seed=config.seed, progress=False, max_images=max_images
     )
     metrics["explanations"] = {
         key: value for key, value in explanation.items() if not key.endswith("_count")
