@@ -62,7 +62,7 @@ class TrainConfig:
     target_layer: Optional[str] = None
     init_weights: Optional[str] = None
     # Optimisation.
-    epochs: int = 25
+    epochs: int = 15
     batch_size: int = 32
     steps_per_epoch: Optional[int] = None
     learning_rate: float = 0.05

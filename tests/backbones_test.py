@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -43,7 +44,29 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
         )
         self.assertEqual(target.output.shape[-1], 4)
 
+    def test_small_resnet_standardises_each_image(self):
+        # Per-image normalisation: every channel of every image has zero mean and
+        # unit variance after the first layer, so scaling (a > 0) and shifting
+        # an image's channels changes nothing (up to the epsilon in the variance).
+        model = backbones.small_resnet((32, 32, 3), num_classes=10)
+        first = keras.Model(model.input, model.get_layer("per_image_normalization").output)
+        rng = np.random.default_rng(0)
+        images = rng.uniform(0.0, 1.0, (2, 32, 32, 3)).astype(np.float32)
+        recoloured = images * np.array([2.0, 3.0, 1.5], np.float32) + np.array(
+            [0.3, -0.2, 0.1], np.float32
+        )
+        normalised = first(images)
+        self.assertAllClose(tf.reduce_mean(normalised, axis=(1, 2)), tf.zeros((2, 3)), atol=1e-5)
+        self.assertAllClose(tf.math.reduce_std(normalised, axis=(1, 2)), tf.ones((2, 3)), atol=1e-2)
+        self.assertAllClose(first(recoloured), normalised, atol=1e-2)
+        self.assertAllClose(model(recoloured), model(images), atol=1e-2, rtol=1e-2)
+        # The ImageNet normalisation of the big backbones keeps the colours.
+        big, _ = backbones.build("resnet18", (32, 32, 3), num_classes=10)
+        self.assertNotAllClose(big(recoloured), big(images), atol=1e-2)
+
     def test_errors(self):
+        with self.assertRaisesRegex(ValueError, "input_normalization='zca'"):
+            backbones.basic_resnet((32, 32, 3), 2, (1,), (8,), input_normalization="zca")
         with self.assertRaisesRegex(ValueError, "arch='vgg'"):
             backbones.build("vgg", (32, 32, 3), 2)
         with self.assertRaisesRegex(ValueError, "weights='imagenet'"):
