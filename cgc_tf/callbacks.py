@@ -5,8 +5,11 @@
   no checkpoint or log row is written for the broken epoch (Keras's own
   `TerminateOnNaN` sets `stop_training`, after which `fit` still calls
   `on_epoch_end` and `BackupAndRestore` would save the NaN weights).
-* `PreemptibleBackupAndRestore`: `keras.callbacks.BackupAndRestore` that also
-  saves on SIGTERM and then raises `TrainingPreempted`.
+* `PreemptibleBackupAndRestore`: `keras.callbacks.BackupAndRestore` whose
+  checkpoints survive a kill at any instant, that also saves on SIGTERM and then
+  raises `TrainingPreempted`.
+* `AtomicModelCheckpoint`: the full model after every epoch, replaced atomically.
+* `atomic_write_path`: write a file beside its destination, then rename it into place.
 * `ResumableCSVLogger`: `keras.callbacks.CSVLogger` that keeps the columns of an
   existing log when appending after a resume.
 * `LearningRateLogger`: adds the optimizer's current learning rate to the logs.
@@ -19,10 +22,13 @@ TensorBoard plugin metadata, because `tf.summary.scalar`/`image` (and so
 does not depend on. The event files are the ones TensorBoard reads.
 """
 
+import contextlib
 import csv
+import fnmatch
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 
@@ -87,8 +93,117 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         raise NonFiniteLossError("\n".join(lines))
 
 
+def _remove_if_exists(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync(path):
+    """Flushes the file or directory `path` to disk (POSIX only; elsewhere a no-op)."""
+    if os.name != "posix":
+        return  # Windows cannot fsync a directory or a read-only descriptor.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _commit(temporary_path, path):
+    """Renames the complete file `temporary_path` to `path` in one atomic step.
+
+    The fsyncs make the rename durable across a power loss too (a SIGKILL alone
+    loses nothing the process wrote: the data is already in the page cache).
+    """
+    _fsync(temporary_path)
+    os.replace(temporary_path, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_write_path(path):
+    """Yields a temporary path beside `path`; a block that ends normally replaces `path` with it.
+
+    Readers of `path` see either the previous complete file or the new complete
+    one, whenever the process is killed. The temporary name keeps the suffix
+    after the first dot of the file name ("last_epoch.keras" ->
+    "last_epoch.partial.keras"), so Keras's suffix checks still pass. A temporary
+    file left by an earlier kill is deleted first; a block that raises deletes
+    its own.
+
+    Args:
+      path: the destination file; its directory is created if needed.
+
+    Yields:
+      str: where to write the new file.
+    """
+    directory, name = os.path.split(path)
+    stem, _, suffix = name.partition(".")
+    temporary_path = os.path.join(directory, f"{stem}.partial.{suffix}")
+    os.makedirs(directory or ".", exist_ok=True)
+    # A fresh inode: a leftover may be a hard link to a committed file, which
+    # writing in place would change.
+    _remove_if_exists(temporary_path)
+    try:
+        yield temporary_path
+    except BaseException:
+        _remove_if_exists(temporary_path)
+        raise
+    _commit(temporary_path, path)
+
+
+class AtomicModelCheckpoint(keras.callbacks.Callback):
+    """Saves the full model (`model.save`: config, weights, optimizer state) after every epoch.
+
+    `keras.callbacks.ModelCheckpoint(filepath)` writes the file in place, so a
+    kill mid-save leaves a truncated zip; here a kill leaves the previous
+    epoch's complete file.
+    """
+
+    def __init__(self, filepath):
+        """Args:
+        filepath: destination ending in ".keras", overwritten every epoch.
+        """
+        super().__init__()
+        if not str(filepath).endswith(".keras"):
+            raise ValueError(
+                f"filepath={filepath!r} must end in '.keras', the format of model.save"
+            )
+        self.filepath = str(filepath)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with atomic_write_path(self.filepath) as temporary_path:
+            self.model.save(temporary_path)
+
+
 class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore (save every epoch, keep the files) that also saves on SIGTERM.
+    """BackupAndRestore (save every epoch, keep the files) that survives kills and SIGTERM.
+
+    Files in `backup_dir`:
+
+        epoch-0003.weights.h5   the state after 3 epochs (or, saved at a
+                                SIGTERM, epoch-0003-step-000005.weights.h5:
+                                after 3 epochs and 5 steps of the 4th)
+        training_metadata.json  {"epoch": 3, "batch": 0, "weights": "epoch-0003.weights.h5"}
+        latest.weights.h5       a hard link to (or copy of) that weights file:
+                                never write to it in place
+
+    What is saved is `model.save_weights` (Keras 3.15, as BackupAndRestore):
+    every variable of the model's layers (BatchNorm moving statistics included)
+    and of `model.optimizer`: `iterations` (which drives the learning-rate
+    schedule), the momentum slots and, under mixed_float16, the loss scale. Not
+    saved: metric states (reset every epoch), the position in the input pipeline
+    (a resumed run starts a new epoch with another shuffling seed) and random
+    generator states.
+
+    A save writes the weights file under a new name (temporary file, then
+    rename), then replaces the metadata atomically (the commit point), then
+    updates `latest.weights.h5` and deletes older weights files. The metadata
+    always names a complete weights file of the epoch it states, whenever the
+    process is killed, and a resume reads that file (never `latest.weights.h5`,
+    which can lag one save behind after a kill).
 
     On SIGTERM the current weights and optimizer state are saved at the end of
     the running batch, marked as belonging to the unfinished epoch, and
@@ -97,9 +212,11 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
     epochs only. A SIGTERM during validation saves after the epoch completes.
     """
 
+    METADATA_FILE = "training_metadata.json"
+
     def __init__(self, backup_dir):
         """Args:
-        backup_dir: directory of `latest.weights.h5` and `training_metadata.json`.
+        backup_dir: directory of the checkpoint files (see the class docstring).
         """
         # delete_checkpoint=False: re-running a finished run must find its final
         # state (and train nothing) rather than start from scratch.
@@ -107,30 +224,75 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._preempted = False
         self._previous_handler = None
 
-    def _save_model(self):
-        """Keras' save, made atomic: a kill mid-write never leaves a half-written file.
+    def _load_model(self):
+        """Restores the weights file that the metadata names and the epoch to start from."""
+        if not self.model.built:
+            raise ValueError(
+                f"model {self.model.name!r} is not built; PreemptibleBackupAndRestore needs a "
+                "built model before fit(): call it on a batch first"
+            )
+        metadata = self.read_metadata(self.backup_dir)
+        if metadata is None:
+            return
+        # Metadata of the earlier format has no "weights": it went with latest.weights.h5.
+        weights_path = os.path.join(self.backup_dir, metadata.get("weights", "latest.weights.h5"))
+        if not os.path.exists(weights_path):
+            raise FileNotFoundError(
+                f"{self._training_metadata_path} names the weights file {weights_path}, which "
+                "does not exist; restore it, or start over with resume=False (--noresume)"
+            )
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            # The optimizer's variables must exist to receive the saved values.
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights_path)
+        self.model._initial_epoch = int(metadata["epoch"])
 
-        Keras writes `latest.weights.h5` and the metadata in place; here both go to
-        temporary files first and are renamed (atomic on POSIX), the metadata last,
-        so a restart always finds the last complete pair.
+    def _save_model(self, steps_in_epoch=0):
+        """Saves the weights and the metadata naming them, consistent under a kill at any point.
+
+        Args:
+          steps_in_epoch: steps done in the unfinished epoch (SIGTERM saves), else 0.
         """
-        os.makedirs(self.backup_dir, exist_ok=True)
-        temporary_weights = self._weights_path + ".tmp.weights.h5"
-        self.model.save_weights(filepath=temporary_weights, overwrite=True)
-        os.replace(temporary_weights, self._weights_path)
-        temporary_metadata = self._training_metadata_path + ".tmp"
-        with open(temporary_metadata, "w") as f:
-            f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
-        os.replace(temporary_metadata, self._training_metadata_path)
+        name = f"epoch-{self._current_epoch:04d}"
+        if steps_in_epoch:
+            name += f"-step-{steps_in_epoch:06d}"
+        weights_file = name + ".weights.h5"
+        weights_path = os.path.join(self.backup_dir, weights_file)
+        with atomic_write_path(weights_path) as temporary_path:
+            self.model.save_weights(temporary_path, overwrite=True)
+        metadata = {
+            "epoch": self._current_epoch,
+            "batch": self._last_batch_seen,
+            "weights": weights_file,
+        }
+        with atomic_write_path(self._training_metadata_path) as temporary_path:
+            with open(temporary_path, "w") as f:
+                json.dump(metadata, f)
+        # Committed. The rest only tidies up: a kill from here on leaves the
+        # previous weights file and latest.weights.h5 behind, both complete.
+        with atomic_write_path(self._weights_path) as temporary_path:
+            try:
+                os.link(weights_path, temporary_path)
+            except OSError:  # File systems without hard links.
+                shutil.copyfile(weights_path, temporary_path)
+        for stale in fnmatch.filter(os.listdir(self.backup_dir), "epoch-*.weights.h5"):
+            if stale != weights_file:
+                _remove_if_exists(os.path.join(self.backup_dir, stale))
 
-    @staticmethod
-    def completed_epochs(backup_dir):
-        """Epochs recorded as completed in `backup_dir` (0 when there is no backup)."""
-        path = os.path.join(backup_dir, "training_metadata.json")
+    @classmethod
+    def read_metadata(cls, backup_dir):
+        """The committed metadata dict of `backup_dir`, or None when there is no checkpoint."""
+        path = os.path.join(backup_dir, cls.METADATA_FILE)
         if not os.path.exists(path):
-            return 0
+            return None
         with open(path) as f:
-            return int(json.load(f)["epoch"])
+            return json.load(f)
+
+    @classmethod
+    def completed_epochs(cls, backup_dir):
+        """Epochs recorded as completed in `backup_dir` (0 when there is no backup)."""
+        metadata = cls.read_metadata(backup_dir)
+        return 0 if metadata is None else int(metadata["epoch"])
 
     def _handle_sigterm(self, signum, frame):
         del signum, frame
@@ -160,7 +322,7 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().on_train_batch_end(batch, logs)
         if self._preempted:
             self._last_batch_seen = batch
-            self._save_model()
+            self._save_model(steps_in_epoch=batch + 1)
             raise TrainingPreempted(
                 f"SIGTERM received at epoch {self._current_epoch + 1}, step {batch + 1}: saved "
                 f"the training state to {self.backup_dir}; run the same command again to "
@@ -184,7 +346,8 @@ def truncate_csv_log(path, completed_epochs):
     """Drops rows of epochs >= `completed_epochs` (0-based) from a CSVLogger file.
 
     A run killed after logging an epoch but before its checkpoint re-runs that
-    epoch; this keeps every epoch in the log exactly once.
+    epoch; this keeps every epoch in the log exactly once. The file is replaced
+    atomically, so a kill here loses no row.
     """
     if not os.path.exists(path):
         return
@@ -196,10 +359,11 @@ def truncate_csv_log(path, completed_epochs):
     kept = [row for row in body if row and int(row[0]) < completed_epochs]
     if len(kept) == len(body):
         return
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(kept)
+    with atomic_write_path(path) as temporary_path:
+        with open(temporary_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(kept)
 
 
 class ResumableCSVLogger(keras.callbacks.CSVLogger):

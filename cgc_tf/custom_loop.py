@@ -11,9 +11,12 @@ worker saves a checkpoint after each epoch (saving distributed variables may run
 collective ops, so all workers must take part), the chief into `checkpoint_dir`,
 the others into a temporary directory that is deleted right away. A restarted
 job restores the latest checkpoint (model, optimizer, random-generator state and
-the epoch counter) and continues with the next epoch.
+the epoch counter) and continues with the next epoch. The epoch's callbacks (the
+CSV row) run before its checkpoint is saved: a kill between the two re-runs the
+epoch, and its row is dropped when the run resumes, so every epoch is logged once.
 """
 
+import os
 import shutil
 import tempfile
 
@@ -21,7 +24,47 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cgc_tf import callbacks as callbacks_lib
 from cgc_tf import distribute
+
+# The key of the epoch counter in the checkpoints `train` writes.
+_EPOCH_KEY = "epoch/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def completed_epochs(checkpoint_dir):
+    """Epochs recorded in the latest checkpoint `train` wrote to `checkpoint_dir`.
+
+    Args:
+      checkpoint_dir: the `checkpoint_dir` of `train`.
+
+    Returns:
+      int, 0 when the directory holds no checkpoint (or does not exist).
+    """
+    latest = tf.train.latest_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+    if latest is None:
+        return 0
+    return int(tf.train.load_variable(latest, _EPOCH_KEY))
+
+
+def barrier(strategy):
+    """Returns once every worker of `strategy` has called it.
+
+    A cross-replica sum of ones: a collective op that no worker finishes before
+    all have started it. Every worker must call it the same number of times.
+
+    Args:
+      strategy: a tf.distribute.Strategy (with one worker this returns at once).
+
+    Returns:
+      int, the number of replicas that took part (`strategy.num_replicas_in_sync`).
+    """
+
+    @tf.function
+    def count_replicas():
+        ones = strategy.run(lambda: tf.ones([], tf.int32))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+    return int(count_replicas().numpy())
 
 
 def train(
@@ -52,7 +95,9 @@ def train(
       checkpoint_dir: directory of the chief's checkpoints, readable by every
         worker (shared file system or cloud storage); created if missing.
       csv_path: optional CSV file that gets one row per epoch on the chief
-        (`keras.callbacks.CSVLogger` with append=True, so a resumed run adds rows).
+        (`callbacks.ResumableCSVLogger` with append=True, so a resumed run adds
+        rows in the same columns; rows of epochs past the restored checkpoint
+        are dropped first).
       callbacks: optional list of keras.callbacks.Callback, called on every worker
         with logs already averaged over all replicas. Do not pass
         BackupAndRestore or ModelCheckpoint: this loop checkpoints itself.
@@ -105,6 +150,8 @@ def train(
     latest = tf.train.latest_checkpoint(checkpoint_dir)
     if latest:
         checkpoint.restore(latest).assert_consumed()
+    if chief and csv_path:
+        callbacks_lib.truncate_csv_log(csv_path, int(epoch.numpy()))
     write_dir = checkpoint_dir if chief else tempfile.mkdtemp(prefix="cgc_tf_worker_checkpoint_")
     manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=1)
 
@@ -113,7 +160,7 @@ def train(
 
     callback_list = list(callbacks or [])
     if chief and csv_path:
-        callback_list.append(keras.callbacks.CSVLogger(csv_path, append=True))
+        callback_list.append(callbacks_lib.ResumableCSVLogger(csv_path, append=True))
     callback_list = keras.callbacks.CallbackList(
         callback_list,
         add_history=True,
@@ -141,10 +188,10 @@ def train(
                         "with .repeat()"
                     ) from error
                 callback_list.on_train_batch_end(step, logs)
-            epoch.assign(epoch_index + 1)
-            manager.save(checkpoint_number=epoch_index + 1)
             epoch_logs = {name: float(np.asarray(value)) for name, value in logs.items()}
             callback_list.on_epoch_end(epoch_index, epoch_logs)
+            epoch.assign(epoch_index + 1)
+            manager.save(checkpoint_number=epoch_index + 1)
             if model.stop_training:
                 break
     finally:

@@ -1,4 +1,4 @@
-"""`run_training(config)`: data, CGCModel, SGD + schedule, `fit` with resume, final files.
+"""`run_training(config)`: data, CGCModel, SGD + schedule, training with resume, final files.
 
 Model directory (docs/architecture.md):
 
@@ -8,14 +8,23 @@ Model directory (docs/architecture.md):
       checkpoints/backup/         BackupAndRestore state: weights + optimizer after
                                   the last completed epoch (or at a SIGTERM)
       checkpoints/last_epoch.keras  the full model after the last completed epoch
-      log.csv                     one row per epoch (CSVLogger, continued on resume)
+      checkpoints/multi_worker/   strategy='multi_worker' only, instead of the two
+                                  above: tf.train.Checkpoint (ckpt-<epoch>.*) of
+                                  weights, optimizer, random state and epoch counter
+      log.csv                     one row per epoch (continued on resume)
       tensorboard/                scalars (train/, validation/) and heatmaps/
       metrics.json                final evaluation on the eval split
 
+Two training paths drive the same `model.train_step`: Keras `fit` for every
+strategy but 'multi_worker', and `cgc_tf.custom_loop.train` for
+'multi_worker' (Keras 3 `fit` does not support MultiWorkerMirroredStrategy).
+The multi-worker path has no per-epoch validation (`val_*`): the chief
+evaluates once at the end. Only its chief writes into model_dir.
+
 Resume: with `config.resume` (the default) a run restarts from the last
-completed epoch in `checkpoints/backup/`; a finished run re-run trains nothing
-and rewrites the final files. `resume=False` deletes the previous checkpoints
-and log first.
+completed epoch in its checkpoint directory; a finished run re-run trains
+nothing and rewrites the final files. `resume=False` deletes the previous
+checkpoints and log first.
 """
 
 import dataclasses
@@ -33,6 +42,7 @@ import tensorflow as tf
 
 from cgc_tf import backbones
 from cgc_tf import callbacks as callbacks_lib
+from cgc_tf import custom_loop
 from cgc_tf import data
 from cgc_tf import distribute
 from cgc_tf import evaluation as evaluation_lib
@@ -54,6 +64,7 @@ HEADLINE_METRICS = (
 CHECKPOINT_DIR = "checkpoints"
 BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
 EPOCH_MODEL_FILE = os.path.join(CHECKPOINT_DIR, "last_epoch.keras")
+MULTI_WORKER_DIR = os.path.join(CHECKPOINT_DIR, "multi_worker")
 TENSORBOARD_DIR = "tensorboard"
 HEATMAP_IMAGES = 8
 
@@ -236,15 +247,40 @@ def _check_replicas(config, strategy):
             f"batch_size={config.batch_size} gives {config.batch_size // replicas} image(s) per "
             f"replica on {replicas} replicas; consistency='contrastive' needs >= 2 per replica"
         )
+    if config.jit_compile == "true" and replicas > 1 and config.strategy != "tpu":
+        errors.append(
+            f"jit_compile='true' compiles the train step for one device, which cannot reach the "
+            f"variables of the {replicas} replicas of strategy={config.strategy!r}; use "
+            "jit_compile='auto' (no XLA under tf.distribute) or 'false'"
+        )
     if errors:
         raise ConfigurationError("\n".join(errors))
 
 
 def _check_resumable(config, model_dir, say):
-    """Refuses to resume a checkpoint written for a different model."""
+    """Refuses to resume a checkpoint written for a different model or training path."""
+    # The metadata is written first: a kill before latest.weights.h5 appears
+    # still leaves a fit checkpoint whose config must be checked.
+    fit_state = any(
+        os.path.exists(os.path.join(model_dir, BACKUP_DIR, name))
+        for name in ("latest.weights.h5", callbacks_lib.PreemptibleBackupAndRestore.METADATA_FILE)
+    )
+    multi_worker_state = custom_loop.completed_epochs(os.path.join(model_dir, MULTI_WORKER_DIR)) > 0
+    if config.strategy == "multi_worker" and fit_state and not multi_worker_state:
+        raise ConfigurationError(
+            f"model_dir={model_dir!r} holds the checkpoint of a Keras fit run ({BACKUP_DIR}/), "
+            "which strategy='multi_worker' cannot resume; resume it with the strategy it was "
+            "started with, or use another model_dir or resume=False (--noresume) to start over"
+        )
+    if config.strategy != "multi_worker" and multi_worker_state and not fit_state:
+        raise ConfigurationError(
+            f"model_dir={model_dir!r} holds the checkpoint of a strategy='multi_worker' run "
+            f"({MULTI_WORKER_DIR}/), which strategy={config.strategy!r} cannot resume; resume "
+            "it with strategy='multi_worker', or use another model_dir or resume=False "
+            "(--noresume) to start over"
+        )
     path = os.path.join(model_dir, CONFIG_FILE)
-    has_checkpoint = os.path.exists(os.path.join(model_dir, BACKUP_DIR, "latest.weights.h5"))
-    if not (has_checkpoint and os.path.exists(path)):
+    if not ((fit_state or multi_worker_state) and os.path.exists(path)):
         return
     with open(path) as f:
         previous = json.load(f)
@@ -300,15 +336,15 @@ def _heatmap_images(eval_data, count):
     return np.concatenate(images)[:count]
 
 
-def _build_data(config, completed_epochs, counter):
-    """(train, eval) datasets; train is semi-supervised when config.unlabeled is set."""
+def _train_dataset(config, batch_size, completed_epochs, counter):
+    """One pass of training batches of `batch_size`; semi-supervised with config.unlabeled."""
     # Shifting the seed by the completed epochs keeps a resumed run from
     # replaying the shuffling order of the first epochs.
     seed = config.seed + completed_epochs
     corrupt = {"skip_corrupt_images": config.skip_corrupt_images, "corrupt_image_counter": counter}
     train = data.train_dataset(
         config.dataset,
-        config.batch_size,
+        batch_size,
         config.image_size,
         data_dir=config.data_dir,
         examples_per_class=config.examples_per_class,
@@ -320,7 +356,7 @@ def _build_data(config, completed_epochs, counter):
     if config.unlabeled is not None:
         unlabeled = data.unlabeled_dataset(
             config.unlabeled,
-            config.batch_size,
+            batch_size,
             config.image_size,
             data_dir=config.data_dir,
             split=config.unlabeled_split,
@@ -328,10 +364,36 @@ def _build_data(config, completed_epochs, counter):
             **corrupt,
         )
         train = data.semi_supervised_dataset(train, unlabeled)
-    evaluation = data.eval_dataset(
-        config.dataset, config.batch_size, config.image_size, data_dir=config.data_dir, **corrupt
+    return train
+
+
+def _eval_dataset(config, counter):
+    return data.eval_dataset(
+        config.dataset,
+        config.batch_size,
+        config.image_size,
+        data_dir=config.data_dir,
+        skip_corrupt_images=config.skip_corrupt_images,
+        corrupt_image_counter=counter,
     )
-    return train, evaluation
+
+
+def _multi_worker_dataset_fn(config, completed_epochs, counter):
+    """dataset_fn for `custom_loop.train`: this worker's share of the global batches."""
+
+    def dataset_fn(input_context):
+        batches = _train_dataset(
+            config,
+            input_context.get_per_replica_batch_size(config.batch_size),
+            completed_epochs,
+            counter,
+        )
+        # Every input pipeline shuffles with the same seed, so taking every N-th
+        # batch gives the pipelines disjoint shares of each pass.
+        shard = batches.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return shard.repeat()
+
+    return dataset_fn
 
 
 def _final_metrics(model, config, info):
@@ -396,73 +458,93 @@ def _suggestions(config):
 
 
 def _write_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """Writes JSON atomically: a kill mid-write never leaves a broken config.json."""
+    with callbacks_lib.atomic_write_path(path) as temporary_path:
+        with open(temporary_path, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def run_training(config, progress=True, callbacks=()):
     """Trains a CGCModel as `config` says, resuming from model_dir, and evaluates it.
 
+    With strategy='multi_worker' every worker of the cluster calls this with the
+    same config; only the chief writes into model_dir (docs/distributed.md).
+
     Args:
       config: a TrainConfig (validated here).
-      progress: print progress bars and where the outputs went.
-      callbacks: extra keras callbacks for `fit` (run after the built-in ones).
+      progress: print progress bars and where the outputs went (on the chief).
+      callbacks: extra keras callbacks, run after the built-in ones: for `fit`,
+        or with strategy='multi_worker' for `custom_loop.train` on every worker
+        (per-epoch logs, averaged over all replicas; no `val_*` keys).
 
     Returns:
-      dict: the final metrics (also in model_dir/metrics.json).
+      dict: the final metrics (also in model_dir/metrics.json); None on the
+      non-chief workers of strategy='multi_worker'.
 
     Raises:
       ValueError: invalid configuration (ConfigurationError after model checks).
       callbacks_lib.NonFiniteLossError: a loss became NaN/inf; the last good
         checkpoint is left intact.
-      callbacks_lib.TrainingPreempted: SIGTERM; a checkpoint was saved.
+      callbacks_lib.TrainingPreempted: SIGTERM; a checkpoint was saved (not
+        with strategy='multi_worker': restart the job to resume from the last
+        completed epoch).
     """
     config.validate()
-    say = print if progress else (lambda *args, **kwargs: None)
+    # Before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the
+    # runtime's collective ops when it is created.
+    strategy = build_strategy(config)
+    multi_worker = config.strategy == "multi_worker"
+    chief = distribute.is_chief(strategy)
+    say = print if progress and chief else _silent
     model_dir = config.model_dir
-    backup_dir = os.path.join(model_dir, BACKUP_DIR)
     if config.resume:
         _check_resumable(config, model_dir, say)
-    else:
+    elif chief:
         _reset_model_dir(model_dir)
-    completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(backup_dir)
-    log_path = os.path.join(model_dir, LOG_FILE)
-    callbacks_lib.truncate_csv_log(log_path, completed)
+    if chief:
+        # Builds the embedded dataset on first use: once, before any other
+        # worker reads it from a shared data_dir.
+        info = _dataset_info(config)
+    if multi_worker:
+        # No worker reads the checkpoints or the data before the chief has reset
+        # and prepared them.
+        custom_loop.barrier(strategy)
+    if not chief:
+        info = _dataset_info(config)
+    if multi_worker:
+        resume_dir = os.path.join(model_dir, MULTI_WORKER_DIR)
+        completed = custom_loop.completed_epochs(resume_dir)
+    else:
+        resume_dir = os.path.join(model_dir, BACKUP_DIR)
+        completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(resume_dir)
     if completed:
-        say(f"Resuming from {backup_dir}: {completed} of {config.epochs} epochs done")
-    _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+        say(f"Resuming from {resume_dir}: {completed} of {config.epochs} epochs done")
+    if chief:
+        callbacks_lib.truncate_csv_log(os.path.join(model_dir, LOG_FILE), completed)
+        _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
 
     previous_policy = keras.mixed_precision.global_policy()
     policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return _train(config, completed, say, progress, callbacks)
+        return _train(config, strategy, info, completed, say, progress, callbacks)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _train(config, completed, say, progress, extra_callbacks):
-    model_dir = config.model_dir
-    if config.strategy == "multi_worker":
-        # Keras 3 fit does not support MultiWorkerMirroredStrategy; that path
-        # needs cgc_tf.custom_loop.train and its own checkpoints (not wired yet).
-        raise ConfigurationError(
-            "strategy='multi_worker' is not supported by run_training yet: Keras fit cannot "
-            "drive MultiWorkerMirroredStrategy; use strategy='mirrored' on one machine"
-        )
-    strategy = build_strategy(config)
-    _check_replicas(config, strategy)
-    info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
-    counter = data.CorruptImageCounter() if config.skip_corrupt_images else None
-    train_data, eval_data = _build_data(config, completed, counter)
-    steps_per_epoch = _steps_per_epoch(config, info)
-    # Repeated, with a fixed number of steps per epoch: the schedule needs the
-    # count up front, and skipped corrupt images must not end an epoch early.
-    train_data = train_data.repeat()
+def _silent(*args, **kwargs):
+    del args, kwargs
 
+
+def _dataset_info(config):
+    return data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
+
+
+def _build_model(config, num_classes, steps_per_epoch, strategy, say):
+    """The compiled CGCModel of `config`, its variables and optimizer created under `strategy`."""
     with strategy.scope():
-        backbone, target_layer = build_backbone(config, info.num_classes, say)
+        backbone, target_layer = build_backbone(config, num_classes, say)
         model = CGCModel(
             backbone,
             target_layer=target_layer,
@@ -482,33 +564,79 @@ def _train(config, completed, say, progress, extra_callbacks):
         model.compile(
             optimizer=optimizer, metrics=["accuracy"], jit_compile=_JIT_COMPILE[config.jit_compile]
         )
+    return model
 
-    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, BACKUP_DIR))
-    csv_logger = callbacks_lib.ResumableCSVLogger(
-        os.path.join(model_dir, LOG_FILE), append=completed > 0
-    )
-    tensorboard_dir = os.path.join(model_dir, TENSORBOARD_DIR)
-    # Order matters: the loggers run before the checkpoint, so a kill between the
-    # two re-runs the epoch (and truncate_csv_log drops its first row) rather
-    # than losing its row.
-    fit_callbacks = [
-        callbacks_lib.StopOnNonFiniteLoss(
-            checkpoint_description=(
-                f"The last good state (end of the last completed epoch) is in "
-                f"{os.path.join(model_dir, CHECKPOINT_DIR)}; fix the cause and re-run to "
-                "resume from it."
-            ),
-            suggestions=_suggestions(config),
+
+def _stop_on_non_finite_loss(config, checkpoint_dir):
+    return callbacks_lib.StopOnNonFiniteLoss(
+        checkpoint_description=(
+            f"The last good state (end of the last completed epoch) is in "
+            f"{os.path.join(config.model_dir, checkpoint_dir)}; fix the cause and re-run to "
+            "resume from it."
         ),
-        callbacks_lib.LearningRateLogger(),
-        csv_logger,
+        suggestions=_suggestions(config),
+    )
+
+
+def _summaries(config, eval_data):
+    """TensorBoard callbacks: epoch scalars and Grad-CAM overlays of fixed eval images."""
+    tensorboard_dir = os.path.join(config.model_dir, TENSORBOARD_DIR)
+    return [
         callbacks_lib.EpochSummaries(tensorboard_dir),
         callbacks_lib.HeatmapSummary(
             _heatmap_images(eval_data, HEATMAP_IMAGES),
             os.path.join(tensorboard_dir, "heatmaps"),
             every=config.eval_every,
         ),
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, EPOCH_MODEL_FILE)),
+    ]
+
+
+def _train(config, strategy, info, completed, say, progress, extra_callbacks):
+    _check_replicas(config, strategy)
+    chief = distribute.is_chief(strategy)
+    counter = data.CorruptImageCounter() if config.skip_corrupt_images else None
+    steps_per_epoch = _steps_per_epoch(config, info)
+    model = _build_model(config, info.num_classes, steps_per_epoch, strategy, say)
+    if config.strategy == "multi_worker":
+        epochs_run, train_seconds = _train_multi_worker(
+            config, strategy, model, steps_per_epoch, completed, counter, progress, extra_callbacks
+        )
+        if chief:
+            model = _local_copy(model, config, info.num_classes, steps_per_epoch)
+    else:
+        epochs_run, train_seconds = _fit(
+            config, model, steps_per_epoch, completed, counter, progress, extra_callbacks
+        )
+    metrics = None
+    if chief:
+        metrics = _write_final_files(config, model, info, epochs_run, train_seconds, counter, say)
+    if config.strategy == "multi_worker":
+        # The workers finish together: one that exits while the chief still
+        # evaluates makes the chief's TensorFlow log "tasks have crashed".
+        custom_loop.barrier(strategy)
+    return metrics
+
+
+def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_callbacks):
+    """Keras fit with BackupAndRestore; returns (epochs run, seconds)."""
+    model_dir = config.model_dir
+    # Repeated, with a fixed number of steps per epoch: the schedule needs the
+    # count up front, and skipped corrupt images must not end an epoch early.
+    train_data = _train_dataset(config, config.batch_size, completed, counter).repeat()
+    eval_data = _eval_dataset(config, counter)
+    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, BACKUP_DIR))
+    csv_logger = callbacks_lib.ResumableCSVLogger(
+        os.path.join(model_dir, LOG_FILE), append=completed > 0
+    )
+    # Order matters: the loggers run before the checkpoint, so a kill between the
+    # two re-runs the epoch (and truncate_csv_log drops its first row) rather
+    # than losing its row.
+    fit_callbacks = [
+        _stop_on_non_finite_loss(config, CHECKPOINT_DIR),
+        callbacks_lib.LearningRateLogger(),
+        csv_logger,
+        *_summaries(config, eval_data),
+        callbacks_lib.AtomicModelCheckpoint(os.path.join(model_dir, EPOCH_MODEL_FILE)),
         backup,
         *extra_callbacks,
     ]
@@ -528,11 +656,66 @@ def _train(config, completed, say, progress, extra_callbacks):
     finally:
         backup.uninstall_signal_handler()
         csv_logger.on_train_end()
-    train_seconds = time.monotonic() - start
-    epochs_run = len(history.epoch)
+    return len(history.epoch), time.monotonic() - start
 
+
+def _train_multi_worker(
+    config, strategy, model, steps_per_epoch, completed, counter, progress, extra_callbacks
+):
+    """custom_loop.train, on every worker; returns (epochs run, seconds)."""
+    chief = distribute.is_chief(strategy)
+    epoch_callbacks = [
+        _stop_on_non_finite_loss(config, MULTI_WORKER_DIR),
+        callbacks_lib.LearningRateLogger(),
+    ]
+    if chief:
+        # Chief only: HeatmapSummary's `explain` reads only this worker's copy
+        # of the variables, so it starts no collective op.
+        epoch_callbacks += _summaries(config, _eval_dataset(config, counter))
+    start = time.monotonic()
+    history = custom_loop.train(
+        model,
+        strategy,
+        _multi_worker_dataset_fn(config, completed, counter),
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        checkpoint_dir=os.path.join(config.model_dir, MULTI_WORKER_DIR),
+        csv_path=os.path.join(config.model_dir, LOG_FILE),
+        callbacks=[*epoch_callbacks, *extra_callbacks],
+        verbose=1 if progress else 0,
+    )
+    return len(history.epoch), time.monotonic() - start
+
+
+def _local_copy(model, config, num_classes, steps_per_epoch):
+    """`model` rebuilt outside its strategy, with its weights and optimizer state.
+
+    The chief saves and evaluates this copy: `evaluate` on the multi-worker model,
+    or saving its metrics (sync-on-read variables), would start collective ops
+    that the other workers never join. Reading weights and optimizer variables
+    (mirrored) reads this worker's copy only.
+    """
+    # init_weights=None: every weight is overwritten below.
+    copy = _build_model(
+        config.replace(init_weights=None),
+        num_classes,
+        steps_per_epoch,
+        tf.distribute.get_strategy(),
+        _silent,
+    )
+    copy.set_weights(model.get_weights())
+    copy.optimizer.build(copy.trainable_variables)
+    for target, source in zip(copy.optimizer.variables, model.optimizer.variables, strict=True):
+        target.assign(source.numpy())
+    return copy
+
+
+def _write_final_files(config, model, info, epochs_run, train_seconds, counter, say):
+    """Saves model.keras, evaluates into metrics.json, rewrites config.json; returns the metrics."""
+    model_dir = config.model_dir
     model_path = os.path.join(model_dir, MODEL_FILE)
-    model.save(model_path)
+    with callbacks_lib.atomic_write_path(model_path) as temporary_path:
+        model.save(temporary_path)
     _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
     metrics = _final_metrics(model, config, info)
     metrics["epochs"] = config.epochs

@@ -5,7 +5,9 @@ import glob
 import json
 import os
 import signal
+from unittest import mock
 
+from absl.testing import parameterized
 import keras
 import numpy as np
 import tensorflow as tf
@@ -46,7 +48,28 @@ class _SendSigterm(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-class CallbacksTest(tf.test.TestCase):
+class _Interrupted(BaseException):
+    """Stands for the process dying inside a checkpoint save."""
+
+
+def _interrupt_commit(call, after):
+    """Patches callbacks._commit to raise _Interrupted at its `call`-th call (1-based),
+    before or `after` the rename."""
+    real_commit = callbacks._commit
+    calls = []
+
+    def commit(temporary_path, path):
+        calls.append(path)
+        if len(calls) == call and not after:
+            raise _Interrupted(path)
+        real_commit(temporary_path, path)
+        if len(calls) == call:
+            raise _Interrupted(path)
+
+    return mock.patch.object(callbacks, "_commit", commit)
+
+
+class CallbacksTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_stop_on_non_finite_loss_message(self):
         stop = callbacks.StopOnNonFiniteLoss("last good: /x", suggestions=["lower the rate"])
@@ -100,6 +123,82 @@ class CallbacksTest(tf.test.TestCase):
                             callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
         self.assertEqual(history.epoch, [2])
         self.assertEqual(int(again.optimizer.iterations), 3)
+        self.assertCountEqual(
+            os.listdir(backup_dir),
+            ["epoch-0003.weights.h5", "latest.weights.h5", "training_metadata.json"],
+        )
+        self.assertTrue(
+            os.path.samefile(os.path.join(backup_dir, "epoch-0003.weights.h5"),
+                             os.path.join(backup_dir, "latest.weights.h5"))
+        )
+
+    # A save commits the weights file, then the metadata (the commit point), then
+    # latest.weights.h5; each of the 3 renames of the 2nd save (calls 4-6) is
+    # interrupted before and after it happens.
+    @parameterized.parameters(
+        (4, False, 1), (4, True, 1), (5, False, 1), (5, True, 2), (6, False, 2), (6, True, 2)
+    )
+    def test_interrupted_save_leaves_a_consistent_checkpoint(self, call, after, completed):
+        backup_dir = os.path.join(self.get_temp_dir(), f"interrupted_{call}_{after}")
+        model, x, y = _tiny_regression()
+        with _interrupt_commit(call, after), self.assertRaises(_Interrupted):
+            model.fit(x, y, epochs=3, verbose=0,
+                      callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(
+            callbacks.PreemptibleBackupAndRestore.completed_epochs(backup_dir), completed
+        )
+        resumed, x, y = _tiny_regression()
+        history = resumed.fit(x, y, epochs=3, verbose=0,
+                              callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(history.epoch, list(range(completed, 3)))
+        # One step per epoch: the restored optimizer state was that of the stated epoch.
+        self.assertEqual(int(resumed.optimizer.iterations), 3)
+        self.assertCountEqual(
+            os.listdir(backup_dir),
+            ["epoch-0003.weights.h5", "latest.weights.h5", "training_metadata.json"],
+        )
+
+    def test_restores_metadata_without_weights_name(self):
+        backup_dir = os.path.join(self.get_temp_dir(), "earlier_format")
+        model, x, y = _tiny_regression()
+        model.fit(x, y, epochs=1, verbose=0)
+        os.makedirs(backup_dir)
+        model.save_weights(os.path.join(backup_dir, "latest.weights.h5"))
+        with open(os.path.join(backup_dir, "training_metadata.json"), "w") as f:
+            json.dump({"epoch": 1, "batch": 0}, f)
+        resumed, x, y = _tiny_regression()
+        history = resumed.fit(x, y, epochs=2, verbose=0,
+                              callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+        self.assertEqual(history.epoch, [1])
+        self.assertEqual(int(resumed.optimizer.iterations), 2)
+
+    def test_metadata_naming_a_missing_file_is_a_readable_error(self):
+        backup_dir = os.path.join(self.get_temp_dir(), "missing")
+        os.makedirs(backup_dir)
+        with open(os.path.join(backup_dir, "training_metadata.json"), "w") as f:
+            json.dump({"epoch": 1, "batch": 0, "weights": "epoch-0001.weights.h5"}, f)
+        model, x, y = _tiny_regression()
+        with self.assertRaisesRegex(FileNotFoundError, "epoch-0001.weights.h5.*does not exist"):
+            model.fit(x, y, epochs=2, verbose=0,
+                      callbacks=[callbacks.PreemptibleBackupAndRestore(backup_dir)])
+
+    def test_atomic_model_checkpoint_keeps_previous_file_when_interrupted(self):
+        path = os.path.join(self.get_temp_dir(), "model", "last_epoch.keras")
+        with self.assertRaisesRegex(ValueError, r"filepath='last_epoch.h5' must end in '.keras'"):
+            callbacks.AtomicModelCheckpoint("last_epoch.h5")
+        model, x, y = _tiny_regression()
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.AtomicModelCheckpoint(path)])
+        first_epoch = model.get_weights()
+        self.assertAllClose(keras.models.load_model(path).get_weights(), first_epoch)
+        with _interrupt_commit(1, after=False), self.assertRaises(_Interrupted):
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.AtomicModelCheckpoint(path)])
+        self.assertNotAllClose(model.get_weights()[0], first_epoch[0])
+        self.assertAllClose(keras.models.load_model(path).get_weights(), first_epoch)
+        self.assertIn("last_epoch.partial.keras", os.listdir(os.path.dirname(path)))
+        # The next save replaces the file and removes the interrupted save's leftover.
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callbacks.AtomicModelCheckpoint(path)])
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["last_epoch.keras"])
+        self.assertAllClose(keras.models.load_model(path).get_weights(), model.get_weights())
 
     def test_sigterm_saves_then_raises_and_restores_handler(self):
         backup_dir = os.path.join(self.get_temp_dir(), "sigterm")
@@ -115,7 +214,10 @@ class CallbacksTest(tf.test.TestCase):
         self.assertEqual(signal.getsignal(signal.SIGTERM), previous)
         with open(os.path.join(backup_dir, "training_metadata.json")) as f:
             # The unfinished epoch 1 (0-based) restarts on resume.
-            self.assertEqual(json.load(f), {"epoch": 1, "batch": 2})
+            self.assertEqual(
+                json.load(f),
+                {"epoch": 1, "batch": 2, "weights": "epoch-0001-step-000003.weights.h5"},
+            )
         saved = model.get_weights()
         resumed, x, y = _tiny_regression()
         history = resumed.fit(x, y, batch_size=2, epochs=2, verbose=0,

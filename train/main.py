@@ -130,8 +130,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
         config = config_from_flags().validate()
-        training.run_training(config)
-        if config.export:
+        metrics = training.run_training(config)
+        # None on the non-chief workers of --strategy=multi_worker: only the chief exports.
+        if config.export and metrics is not None:
             _export(config)
     except callbacks.TrainingPreempted as error:
         print(f"cgc-train: {error}", file=sys.stderr)
