@@ -1,0 +1,65 @@
+"""experiments/reproduce.py: run commands, aggregation over seeds, the README table."""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from experiments import reproduce
+
+
+def _metrics(accuracy, consistency):
+    return {
+        "accuracy": accuracy,
+        "content_heatmap_percent": 50.0,
+        "insertion_auc": 0.3,
+        "deletion_auc": 0.1,
+        "consistency_cosine": consistency,
+        "consistency_pearson": consistency - 0.1,
+        "pointing_game": 0.5,
+    }
+
+
+class ReproduceTest(tf.test.TestCase):
+    def test_commands_use_the_regime_flagfile_and_method_flags(self):
+        command = reproduce.train_command("limited", "plain", 2, "/runs/x", ["--epochs=1"])
+        self.assertIn("--flagfile=" + os.path.join(
+            reproduce.REPO, "train", "configs", "cluttered_digits_limited.cfg"), command)
+        self.assertIn("--lambda_=0", command)
+        self.assertIn("--seed=2", command)
+        self.assertEqual(command[-1], "--epochs=1")
+        self.assertIn("--consistency=mse", reproduce.train_command("full", "gc", 0, "/r"))
+        cgc = reproduce.train_command("semi", "cgc", 0, "/r")
+        self.assertFalse([flag for flag in cgc if flag.startswith(("--lambda_", "--consistency"))])
+        for regime in reproduce.FLAGFILES:
+            flagfile = reproduce.train_command(regime, "cgc", 0, "/r")[3].split("=", 1)[1]
+            self.assertTrue(os.path.exists(flagfile), flagfile)
+
+    def test_summary_is_mean_and_sample_std_over_seeds(self):
+        runs = [
+            {"regime": "full", "method": "cgc", "seed": seed, "metrics": _metrics(acc, cos)}
+            for seed, (acc, cos) in enumerate([(0.90, 0.8), (0.92, 0.9), (0.94, 1.0)])
+        ]
+        summary = reproduce.summarize(runs)
+        mean, std, count = summary[("full", "cgc")]["accuracy"]
+        self.assertAllClose([mean, std, count], [0.92, np.std([0.9, 0.92, 0.94], ddof=1), 3])
+        table = reproduce.markdown_table(summary, ["full"], ["plain", "cgc"])
+        lines = table.splitlines()
+        self.assertLen(lines, 3)  # header, rule, the one group that exists
+        self.assertIn("| full | cgc | 3 | 92.0 ± 2.0 |", lines[2])
+        self.assertIn("0.900 ± 0.100", lines[2])
+
+    def test_read_metrics_waits_for_a_finished_run(self):
+        model_dir = tempfile.mkdtemp()
+        self.assertIsNone(reproduce.read_metrics(model_dir))
+        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+            json.dump({"accuracy": 0.5, "explanations": {"consistency_cosine": 0.7}}, f)
+        self.assertEqual(
+            reproduce.read_metrics(model_dir), {"accuracy": 0.5, "consistency_cosine": 0.7}
+        )
+
+
+if __name__ == "__main__":
+    tf.test.main()
