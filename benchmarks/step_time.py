@@ -199,7 +199,11 @@ def _probe_memory(variant, jit):
     def allocator(key):
         return sum(tf.config.experimental.get_memory_info(d.name)[key] for d in devices)
 
-    result = {"allocator_before_steps": allocator("current")}
+    # The parent checks that the probe measured the configuration it asked for.
+    result = {
+        "configuration": _description(variant, jit),
+        "allocator_before_steps": allocator("current"),
+    }
     for device in devices:
         tf.config.experimental.reset_memory_stats(device.name)
     reset = common.reset_peak_rss()
@@ -210,14 +214,40 @@ def _probe_memory(variant, jit):
     common.print_probe_result(result)
 
 
-def _memory_of(variant, jit, argv):
+def _probe_flags(variant, jit):
+    """The command line of the memory probe of `variant` with XLA setting `jit`.
+
+    Built from this run's flag values: absl passes `main` only the positional
+    arguments, so the flags must not be taken from its `argv`.
+    """
+    return [
+        f"--arch={_ARCH.value}",
+        f"--image_size={_IMAGE_SIZE.value}",
+        f"--batch_size={_BATCH_SIZE.value}",
+        f"--num_classes={_NUM_CLASSES.value}",
+        f"--dtype_policy={_DTYPE_POLICY.value}",
+        f"--replicas={_REPLICAS.value}",
+        f"--warmup_steps={_WARMUP_STEPS.value}",
+        f"--memory_steps={_MEMORY_STEPS.value}",
+        f"--learning_rate={_LEARNING_RATE.value!r}",
+        f"--seed={_SEED.value}",
+        f"--probe={variant}:{jit}",
+    ]
+
+
+def _memory_of(variant, jit):
     """Runs `_probe_memory` in a fresh process; returns the memory fields of a record."""
     # Only the BFC allocator keeps the statistics get_memory_info reads on CPU.
     probe = common.run_probe(
         "benchmarks.step_time",
-        argv + [f"--probe={variant}:{jit}"],
+        _probe_flags(variant, jit),
         env={"TF_CPU_ALLOCATOR_USE_BFC": "true"},
     )
+    if probe.get("configuration") != _description(variant, jit):
+        raise RuntimeError(
+            f"the memory probe measured {probe.get('configuration')}, not the requested "
+            f"{_description(variant, jit)}"
+        )
     peak = common.mebibytes(probe["allocator_peak"])
     return {
         "peak_mib": peak,
@@ -226,12 +256,7 @@ def _memory_of(variant, jit, argv):
     }
 
 
-def _passed_flags(argv):
-    """The command-line flags of this run, minus --probe, for the probe processes."""
-    return [arg for arg in argv[1:] if not arg.startswith("--probe")]
-
-
-def run(argv):
+def run():
     """Times every configuration; returns (machine description, records)."""
     import keras
     import tensorflow as tf
@@ -268,7 +293,7 @@ def run(argv):
         records.append(record)
     if _MEMORY.value == "subprocess":
         for record in records:
-            record.update(_memory_of(record["variant"], record["jit_compile"], _passed_flags(argv)))
+            record.update(_memory_of(record["variant"], record["jit_compile"]))
         plain = {r["jit_compile"]: r for r in records if r["variant"] == "plain"}
         for record in records:
             reference = plain.get(record["jit_compile"])
@@ -300,6 +325,7 @@ COLUMNS = [
 
 
 def main(argv):
+    del argv  # Unused: everything comes in through flags.
     _check_flags()
     import keras
 
@@ -311,7 +337,7 @@ def main(argv):
             raise app.UsageError(f"--probe={_PROBE.value!r} must be 'variant:jit'")
         _probe_memory(variant, jit)
         return
-    description, records = run(argv)
+    description, records = run()
     print(common.format_machine(description))
     print(
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value}, "

@@ -9,7 +9,7 @@ two halves: `sample()` draws the per-example parameters as a dict of tensors, an
 The default T is the paper's: a random resized crop (area fraction in `area_range`,
 aspect ratio log-uniform in `aspect_ratio_range`, as torchvision's RandomResizedCrop),
 resized bilinearly back to the input size, then a horizontal flip. It is computed by
-`crop_flip_resize` with per-example separable interpolation matrices, which is linear in
+`crop_flip_resize` with per-example separable bilinear taps (gathers), which is linear in
 the input (so differentiable), vectorised over the batch and compiles under XLA.
 
 Extra geometric layers from keras-cv or Keras (rotation, zoom, ...) can follow. The
@@ -79,8 +79,8 @@ _GEOMETRIC_LAYER_CLASSES = _classes(
 ) + _classes(keras.layers, _KERAS_GEOMETRIC_NAMES)
 
 
-def _interpolation_matrix(start, end, input_size, output_size):
-    """Bilinear resampling matrix along one axis, as tf.image.crop_and_resize samples.
+def _interpolation_taps(start, end, input_size, output_size):
+    """Bilinear resampling taps along one axis, as tf.image.crop_and_resize samples.
 
     Args:
         start: float32 [B], normalised box start (y1 or x1).
@@ -89,9 +89,11 @@ def _interpolation_matrix(start, end, input_size, output_size):
         output_size: Python int, the output length along the axis.
 
     Returns:
-        float32 [B, output_size, input_size]; row i holds the two bilinear weights of
-        output sample i, or zeros where the sample falls outside the input (the
-        extrapolation value 0).
+        (lower_index, upper_index, lower_weight, upper_weight), each [B, output_size]:
+        int32 indices and float32 weights. Output sample i is
+        `lower_weight[i] * input[lower_index[i]] + upper_weight[i] * input[upper_index[i]]`;
+        both weights are 0 where the sample falls outside the input (the extrapolation
+        value 0).
     """
     last = tf.cast(input_size - 1, tf.float32)
     # Same float32 expressions, in the same order, as the crop_and_resize CPU kernel, so
@@ -102,19 +104,27 @@ def _interpolation_matrix(start, end, input_size, output_size):
         coordinates = start[:, None] * last + positions[None, :] * scale[:, None]
     else:
         coordinates = (0.5 * (start + end) * last)[:, None]
-    inside = tf.logical_and(
-        coordinates >= -_BORDER_TOLERANCE, coordinates <= last + _BORDER_TOLERANCE
+    inside = tf.cast(
+        tf.logical_and(
+            coordinates >= -_BORDER_TOLERANCE, coordinates <= last + _BORDER_TOLERANCE
+        ),
+        tf.float32,
     )
     lower = tf.floor(coordinates)
     fraction = coordinates - lower
     lower_index = tf.cast(tf.clip_by_value(lower, 0.0, last), tf.int32)
     upper_index = tf.cast(tf.clip_by_value(tf.math.ceil(coordinates), 0.0, last), tf.int32)
-    # one_hot builds the sparse interpolation weights densely: XLA-friendly, no scatter.
-    matrix = (
-        tf.one_hot(lower_index, input_size, dtype=tf.float32) * (1.0 - fraction)[..., None]
-        + tf.one_hot(upper_index, input_size, dtype=tf.float32) * fraction[..., None]
-    )
-    return matrix * tf.cast(inside, tf.float32)[..., None]
+    return lower_index, upper_index, (1.0 - fraction) * inside, fraction * inside
+
+
+def _resample_rows(images, taps):
+    """Applies `_interpolation_taps` along axis 1 of images [B, H, W, C]."""
+    lower_index, upper_index, lower_weight, upper_weight = taps
+    lower = tf.gather(images, lower_index, axis=1, batch_dims=1)
+    upper = tf.gather(images, upper_index, axis=1, batch_dims=1)
+    lower_weight = tf.cast(lower_weight, images.dtype)[:, :, None, None]
+    upper_weight = tf.cast(upper_weight, images.dtype)[:, :, None, None]
+    return lower * lower_weight + upper * upper_weight
 
 
 def _static_or_dynamic(tensor, axis):
@@ -142,12 +152,13 @@ def crop_flip_resize(images, boxes, flips, output_size):
     Matches `tf.image.crop_and_resize(images, boxes, tf.range(B), output_size)` (bilinear,
     extrapolation value 0) followed by `tf.image.flip_left_right` where `flips` is true.
     We do not call those ops because `CropAndResize` (like `ImageProjectiveTransformV3`)
-    has no XLA kernel: instead the op is written as per-example separable interpolation
-    matrices `Ry` [B, out_h, H] and `Rx` [B, out_w, W] (the flip reverses the rows of
-    `Rx`), applied with two batched einsums. It is linear in `images`, so gradients flow
-    to them, and it compiles with `jit_compile=True`. One deliberate difference: a
-    sample within 1e-3 pixel outside the image (float rounding for a box edge at exactly
-    0 or 1) reads the border pixel instead of the extrapolation value 0.
+    has no XLA kernel: instead the op is separable bilinear taps per example (each output
+    pixel reads two input rows, then two input columns; the flip reverses the column
+    taps), applied with batched gathers. It is linear in `images`, so gradients flow to
+    them (the gathers' gradient, a scatter-add, is the exact transpose), and it compiles
+    with `jit_compile=True`. One deliberate difference: a sample within 1e-3 pixel
+    outside the image (float rounding for a box edge at exactly 0 or 1) reads the border
+    pixel instead of the extrapolation value 0.
 
     Args:
         images: float [B, H, W, C]. Integer images are cast to float32.
@@ -169,19 +180,22 @@ def crop_flip_resize(images, boxes, flips, output_size):
         )
     boxes = tf.cast(boxes, tf.float32)
     flips = tf.cast(flips, tf.bool)
-    rows = _interpolation_matrix(
+    rows = _interpolation_taps(
         boxes[:, 0], boxes[:, 2], _static_or_dynamic(images, 1), output_height
     )
-    columns = _interpolation_matrix(
+    columns = _interpolation_taps(
         boxes[:, 1], boxes[:, 3], _static_or_dynamic(images, 2), output_width
     )
-    columns = tf.where(flips[:, None, None], tf.reverse(columns, axis=[1]), columns)
-    rows = tf.cast(rows, images.dtype)
-    columns = tf.cast(columns, images.dtype)
-    # Two einsums measured faster than one three-operand einsum or transposed matmuls,
-    # forward and backward, on CPU (with and without XLA).
-    resized = tf.einsum("boh,bhwc->bowc", rows, images)
-    return tf.einsum("bpw,bowc->bopc", columns, resized)
+    columns = tuple(
+        tf.where(flips[:, None], tf.reverse(taps, axis=[1]), taps) for taps in columns
+    )
+    # Gathers cost O(output pixels); the dense [B, out, in] interpolation matrices this
+    # replaced (two einsums) cost O(output pixels x input side). Gathering whole rows
+    # (axis 1) is faster on CPU than gathering along axis 2, hence the transposes.
+    # benchmarks/crop_flip_resize.py measures both, with and without XLA.
+    resized = _resample_rows(images, rows)
+    resized = _resample_rows(tf.transpose(resized, [0, 2, 1, 3]), columns)
+    return tf.transpose(resized, [0, 2, 1, 3])
 
 
 def _truncate(values):

@@ -228,43 +228,78 @@ class CGCModel(keras.Model):
             tf.reduce_sum(sample_weight), 1e-12
         )
 
-    def _loss_terms(self, data, training):
-        """Forward passes and loss terms of one batch: (total, ce, cgc, y, logits)."""
+    def _consistency_part(self, data, training):
+        """The x_orig and x_aug forward passes and every loss term that reads them.
+
+        Labelled batch: CE(x_orig) (+ CE(x_aug) in training) and the consistency loss;
+        unlabelled or semi-supervised batch: the consistency loss of the unlabelled images.
+
+        Returns:
+          (ce, cgc, logits): float32 scalars, and float32 [B, K] logits for the
+          metrics (None when the labels are elsewhere).
+        """
         labelled_x, y, sample_weight, unlabelled_x = self._unpack(data)
-        ce = tf.constant(0.0)
-        cgc = tf.constant(0.0)
-        metric_logits = None
-        if labelled_x is not None:
-            x_orig, x_xe = self._split_views(labelled_x)
-            if unlabelled_x is None:
-                terms = self.consistency_terms(x_orig, training)
-                cgc = terms["loss"]
-                ce = self._cross_entropy(y, terms["logits_orig"], sample_weight)
-                metric_logits = terms["logits_orig"]
-                if training:
-                    # Accuracy on the augmented view, as the reference code reports.
-                    metric_logits = terms["logits_aug"]
-                    ce += self._cross_entropy(y, metric_logits, sample_weight)
-                    if self.views == 3:
-                        logits_xe = self.backbone(
-                            self._classification_view(x_orig, x_xe), training=True
-                        )
-                        ce += self._cross_entropy(y, logits_xe, sample_weight)
-            else:
-                x_xe = x_orig
-                if self.views == 3 and training:
-                    x_xe = self._classification_view(x_orig, x_xe)
-                metric_logits = self.backbone(x_xe, training=training)
-                ce = self._cross_entropy(y, metric_logits, sample_weight)
         if unlabelled_x is not None:
             x_orig, _ = self._split_views(unlabelled_x)
-            cgc = self.consistency_terms(x_orig, training)["loss"]
+            return tf.constant(0.0), self.consistency_terms(x_orig, training)["loss"], None
+        x_orig, _ = self._split_views(labelled_x)
+        terms = self.consistency_terms(x_orig, training)
+        ce = self._cross_entropy(y, terms["logits_orig"], sample_weight)
+        logits = terms["logits_orig"]
+        if training:
+            # Accuracy on the augmented view, as the reference code reports.
+            logits = terms["logits_aug"]
+            ce += self._cross_entropy(y, logits, sample_weight)
+        return ce, terms["loss"], logits
+
+    def _has_classification_part(self, data, training):
+        """True when `_classification_part` has a term for this batch structure."""
+        labelled_x, _, _, unlabelled_x = self._unpack(data)
+        if labelled_x is None:
+            return False
+        return unlabelled_x is not None or (training and self.views == 3)
+
+    def _classification_part(self, data, training):
+        """The cross-entropy terms whose forward pass the consistency loss does not read.
+
+        CE(x_xe) of a labelled batch in training with views=3; CE of the labelled half
+        of a semi-supervised batch. They share only the weights with
+        `_consistency_part`, so train_step can differentiate them in a tape of their own.
+
+        Returns:
+          (ce, logits): float32 scalar, and float32 [B, K] logits for the metrics
+          (None when `_consistency_part` gives them); None if the batch has no such term.
+        """
+        if not self._has_classification_part(data, training):
+            return None
+        labelled_x, y, sample_weight, unlabelled_x = self._unpack(data)
+        x_orig, x_xe = self._split_views(labelled_x)
+        if unlabelled_x is None:
+            logits_xe = self.backbone(self._classification_view(x_orig, x_xe), training=True)
+            return self._cross_entropy(y, logits_xe, sample_weight), None
+        x_xe = x_orig
+        if self.views == 3 and training:
+            x_xe = self._classification_view(x_orig, x_xe)
+        logits = self.backbone(x_xe, training=training)
+        return self._cross_entropy(y, logits, sample_weight), logits
+
+    def _total_loss(self, ce, cgc, training):
+        """ce + lambda_ * cgc (when the consistency trains) + the regularisation losses."""
         total = ce
         if self.trains_consistency:
             total = total + self.lambda_ * cgc
         if training and self.losses:
             total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
-        return total, ce, cgc, y, metric_logits
+        return total
+
+    def _loss_terms(self, data, training):
+        """Forward passes and loss terms of one batch: (total, ce, cgc, y, logits)."""
+        _, y, _, _ = self._unpack(data)
+        ce, cgc, logits = self._consistency_part(data, training)
+        classification = self._classification_part(data, training)
+        if classification is not None:
+            ce, logits = _merge_classification_part(ce, logits, classification)
+        return self._total_loss(ce, cgc, training), ce, cgc, y, logits
 
     def _update_metrics(self, total, ce, cgc, y, logits, sample_weight=None):
         for metric in self.metrics:
@@ -280,14 +315,50 @@ class CGCModel(keras.Model):
 
     def train_step(self, data):
         """One optimizer step on a batch (replica code under tf.distribute)."""
+        gradients, (total, ce, cgc, y, logits) = self._gradients_and_terms(data)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+
+    def _gradients_and_terms(self, data):
+        """Gradients of the (scaled) training loss and the loss terms of one batch.
+
+        The loss is differentiated in two tapes whose gradients are summed, which
+        equals one tape over the whole loss: `_consistency_part` first, then
+        `_classification_part` (x_xe, or the labelled half of a semi-supervised
+        batch), which shares only the weights with it. The second part's forward
+        pass starts after the first part's gradients are computed, so the first
+        part's activations are freed by then: the step's peak memory holds the
+        activations of the x_orig and x_aug passes, not of all three views.
+        The order of the forward passes (and so of BatchNorm's moving-statistics
+        updates and of the random draws) is the one `_loss_terms` uses.
+
+        Returns:
+          (gradients, one per trainable variable, scaled as `optimizer.scale_loss`
+          and `distribute.scale_loss_for_replicas` scale the loss;
+          (total, ce, cgc, y, logits) as `_loss_terms` returns them).
+        """
+        variables = self.trainable_variables
+        y = self._unpack(data)[1]
         with tf.GradientTape() as tape:
-            total, ce, cgc, y, logits = self._loss_terms(data, training=True)
+            ce, cgc, logits = self._consistency_part(data, training=True)
+            total = self._total_loss(ce, cgc, training=True)
             scaled = distribute.scale_loss_for_replicas(total)
             scaled = self.optimizer.scale_loss(scaled)
-        variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply(gradients, variables)
-        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+        if self._has_classification_part(data, training=True):
+            data = _after(gradients, data)
+            with tf.GradientTape() as tape:
+                classification = self._classification_part(data, training=True)
+                scaled = distribute.scale_loss_for_replicas(classification[0])
+                scaled = self.optimizer.scale_loss(scaled)
+            gradients = [
+                _add_gradients(first, second)
+                for first, second in zip(gradients, tape.gradient(scaled, variables))
+            ]
+            ce, logits = _merge_classification_part(ce, logits, classification)
+            # The reported total, summed in the order of `_loss_terms`.
+            total = self._total_loss(ce, cgc, training=True)
+        return gradients, (total, ce, cgc, y, logits)
 
     def test_step(self, data):
         """Evaluation: CE on the given view, consistency under a random T, metrics."""
@@ -366,3 +437,37 @@ def _check_logits(backbone):
             "to output logits, e.g. keras.applications.MobileNetV2(..., "
             "classifier_activation=None)"
         )
+
+
+def _merge_classification_part(ce, logits, classification):
+    """(ce + the classification part's CE, the metrics' logits)."""
+    classification_ce, classification_logits = classification
+    if classification_logits is not None:
+        logits = classification_logits
+    return ce + classification_ce, logits
+
+
+def _after(dependencies, structure):
+    """`structure` (a nest of tensors or None) behind control dependencies.
+
+    The ops that read the returned tensors run after every tensor of `dependencies`
+    (a nest, None entries allowed) is computed. A no-op in eager mode.
+    """
+    dependencies = [
+        tensor
+        for tensor in tf.nest.flatten(dependencies, expand_composites=True)
+        if tensor is not None
+    ]
+    with tf.control_dependencies(dependencies):
+        return tf.nest.map_structure(
+            lambda tensor: None if tensor is None else tf.identity(tensor), structure
+        )
+
+
+def _add_gradients(first, second):
+    """Sum of two gradients of one variable, either of which may be None."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return tf.convert_to_tensor(first) + tf.convert_to_tensor(second)

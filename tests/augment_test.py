@@ -30,6 +30,39 @@ def _reference_warp(inputs, transform):
     )
 
 
+def _dense_crop_flip_resize(images, boxes, flips, output_size):
+    """The dense formulation `crop_flip_resize` had before its gathers (an oracle).
+
+    Per-example interpolation matrices [B, out, in] built from one-hot rows, applied
+    with two einsums.
+    """
+
+    def matrix(start, end, input_size, size):
+        last = float(input_size - 1)
+        if size > 1:
+            scale = (end - start) * last / float(size - 1)
+            positions = tf.range(size, dtype=tf.float32)
+            coordinates = start[:, None] * last + positions[None, :] * scale[:, None]
+        else:
+            coordinates = (0.5 * (start + end) * last)[:, None]
+        inside = (coordinates >= -1e-3) & (coordinates <= last + 1e-3)
+        lower = tf.floor(coordinates)
+        fraction = coordinates - lower
+        lower_index = tf.cast(tf.clip_by_value(lower, 0.0, last), tf.int32)
+        upper_index = tf.cast(tf.clip_by_value(tf.math.ceil(coordinates), 0.0, last), tf.int32)
+        weights = (
+            tf.one_hot(lower_index, input_size) * (1.0 - fraction)[..., None]
+            + tf.one_hot(upper_index, input_size) * fraction[..., None]
+        )
+        return weights * tf.cast(inside, tf.float32)[..., None]
+
+    rows = matrix(boxes[:, 0], boxes[:, 2], images.shape[1], output_size[0])
+    columns = matrix(boxes[:, 1], boxes[:, 3], images.shape[2], output_size[1])
+    columns = tf.where(tf.cast(flips, tf.bool)[:, None, None], columns[:, ::-1], columns)
+    resized = tf.einsum("boh,bhwc->bowc", rows, images)
+    return tf.einsum("bpw,bowc->bopc", columns, resized)
+
+
 class CropFlipResizeTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.named_parameters(
         ("same_size", (16, 20), (16, 20)),
@@ -73,6 +106,40 @@ class CropFlipResizeTest(tf.test.TestCase, parameterized.TestCase):
             )
         self.assertAllClose(
             tape.gradient(reference, images), tape.gradient(ours, images), atol=1e-5
+        )
+
+    @parameterized.named_parameters(
+        ("same_size", (24, 32)), ("smaller", (7, 5)), ("single_pixel", (1, 1))
+    )
+    def test_matches_dense_formulation(self, output_size):
+        # Random paper-style boxes (both flip states) and edge cases: the full image,
+        # partly outside, reversed, a single point.
+        transform = augment.PairedAugmentation(seed=5).sample(12, 24, 32)
+        boxes = tf.concat(
+            [
+                transform["boxes"][:8],
+                [[0.0, 0.0, 1.0, 1.0], [-0.1, -0.2, 1.1, 1.3], [0.8, 0.6, 0.2, 0.1],
+                 [0.5, 0.5, 0.5, 0.5]],
+            ],
+            axis=0,
+        )
+        flips = transform["flips"]
+        self.assertBetween(int(tf.reduce_sum(tf.cast(flips, tf.int32))), 1, 11)
+        heatmaps = _images(batch=12, height=24, width=32, channels=1)
+        cotangent = tf.random.stateless_normal([12, *output_size, 1], seed=[9, 9])
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(heatmaps)
+            ours = augment.crop_flip_resize(heatmaps, boxes, flips, output_size)
+            dense = _dense_crop_flip_resize(heatmaps, boxes, flips, output_size)
+            ours_inner = tf.reduce_sum(cotangent * ours)
+            dense_inner = tf.reduce_sum(cotangent * dense)
+        self.assertAllClose(dense, ours, atol=1e-6, rtol=0)
+        # Differentiable w.r.t. the heatmaps, with the same gradient.
+        self.assertAllClose(
+            tape.gradient(dense_inner, heatmaps),
+            tape.gradient(ours_inner, heatmaps),
+            atol=1e-5,
+            rtol=0,
         )
 
     @parameterized.named_parameters(

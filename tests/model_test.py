@@ -1,4 +1,4 @@
-"""CGCModel: fit, batch structures, baselines, explain, serialisation."""
+"""CGCModel: fit, batch structures, baselines, explain, serialisation, the two-tape step."""
 
 import os
 import tempfile
@@ -6,6 +6,10 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
+# Private, as in Keras's own distribute tests: logical devices can only be
+# reconfigured after resetting the eager context.
+from tensorflow.python.eager import context
 
 import cgc_tf
 from cgc_tf import gradcam
@@ -180,6 +184,189 @@ class CGCModelTest(tf.test.TestCase):
             cgc_tf.CGCModel(softmax_backbone)
         with self.assertRaisesRegex(ValueError, "loss="):
             cgc_tf.CGCModel(backbone).compile(optimizer="sgd", loss="mse")
+
+
+# ------------------------------------------------ the two-tape train step (issue #7)
+# train_step differentiates the classification part (CE of x_xe, or of the labelled
+# half of a semi-supervised batch) in its own tape, after the consistency part's
+# gradients, so that the two parts' activations are never alive together.
+
+
+def _random_images(seed, size=16, batch=4):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _split_batch(kind):
+    """A batch of each structure `CGCModel.fit` accepts (4 images of 16x16)."""
+    images = tf.constant(_random_images(0))
+    labels = tf.constant([0, 1, 2, 1])
+    if kind == "labelled":
+        return ({"image": images, "classification_view": tf.constant(_random_images(1))}, labels)
+    if kind == "labelled_on_device_view":
+        return (images, labels)
+    if kind == "labelled_weighted":
+        return (images, labels, tf.constant([1.0, 0.5, 0.0, 2.0]))
+    if kind == "unlabelled":
+        return images
+    if kind == "semi_supervised":
+        return ((images, labels), tf.constant(_random_images(2)))
+    raise ValueError(f"kind={kind!r}")
+
+
+def _split_model(views, optimizer=None):
+    model = cgc_tf.CGCModel(
+        testing_models.tiny_convnet(16, batch_norm=True),
+        target_layer="features",
+        views=views,
+        lambda_=1.0,
+        augmentation=cgc_tf.PairedAugmentation(seed=1),
+    )
+    model.classification_augmentation = cgc_tf.PairedAugmentation(seed=2)
+    model.compile(optimizer=optimizer or keras.optimizers.SGD(0.1))
+    return model
+
+
+class _SeedStates:
+    """Saves the model's random state; `restore()` makes the next step draw the same T."""
+
+    def __init__(self, model):
+        self.variables = [
+            model.augmentation.seed_generator.state,
+            model.classification_augmentation.seed_generator.state,
+        ]
+        self.values = [variable.numpy() for variable in self.variables]
+
+    def restore(self):
+        for variable, value in zip(self.variables, self.values):
+            variable.assign(value)
+
+
+class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
+    def tearDown(self):
+        keras.mixed_precision.set_global_policy("float32")
+        super().tearDown()
+
+    @parameterized.named_parameters(
+        ("labelled_views3", "labelled", 3),
+        ("labelled_views2", "labelled", 2),
+        ("labelled_on_device_view_views3", "labelled_on_device_view", 3),
+        ("labelled_weighted_views3", "labelled_weighted", 3),
+        ("unlabelled_views3", "unlabelled", 3),
+        ("unlabelled_views2", "unlabelled", 2),
+        ("semi_supervised_views3", "semi_supervised", 3),
+        ("semi_supervised_views2", "semi_supervised", 2),
+    )
+    def test_split_gradients_equal_one_tape(self, kind, views):
+        model = _split_model(views)
+        data = _split_batch(kind)
+        variables = model.trainable_variables
+        seeds = _SeedStates(model)
+        with tf.GradientTape() as tape:
+            expected_terms = model._loss_terms(data, training=True)
+        expected = tape.gradient(expected_terms[0], variables)
+
+        seeds.restore()
+        # Traced, as fit runs it: the second tape's inputs wait on control dependencies.
+        gradients, terms = tf.function(model._gradients_and_terms)(data)
+
+        split = kind != "unlabelled" and (views == 3 or kind == "semi_supervised")
+        self.assertEqual(model._has_classification_part(data, training=True), split)
+        for name, value, expected_value in zip(("total", "ce", "cgc"), terms, expected_terms):
+            self.assertAllClose(value, expected_value, atol=1e-6, msg=name)
+        if expected_terms[4] is None:
+            self.assertIsNone(terms[4])
+        else:
+            self.assertAllClose(terms[4], expected_terms[4], atol=1e-6)
+        for variable, gradient, expected_gradient in zip(variables, gradients, expected):
+            if expected_gradient is None:
+                # The logits bias of an unlabelled batch: it does not reach Grad-CAM.
+                self.assertIsNone(gradient, msg=variable.path)
+            else:
+                self.assertAllClose(
+                    gradient, expected_gradient, atol=1e-5, msg=variable.path
+                )
+        self.assertGreater(np.abs(gradients[0].numpy()).max(), 0.0)
+
+    def test_float16_loss_scale_applies_to_both_tapes(self):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        # A small loss scale: at the default 2**15 this tiny model's float16 gradients
+        # overflow now and then (in the one-tape step too), and the step is skipped.
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0**6
+        )
+        model = _split_model(views=3, optimizer=optimizer)
+        data = _split_batch("labelled")
+        variables = model.trainable_variables
+        seeds = _SeedStates(model)
+        with tf.GradientTape() as tape:
+            total = model._loss_terms(data, training=True)[0]
+            scaled = model.optimizer.scale_loss(total)
+        expected = tape.gradient(scaled, variables)
+        seeds.restore()
+        gradients, _ = tf.function(model._gradients_and_terms)(data)
+        for variable, gradient, expected_gradient in zip(variables, gradients, expected):
+            scale = np.abs(expected_gradient.numpy()).max()
+            self.assertTrue(np.all(np.isfinite(gradient.numpy())), msg=variable.path)
+            self.assertAllClose(
+                gradient / scale, expected_gradient / scale, atol=1e-2, msg=variable.path
+            )
+
+
+def _configure_logical_cpus(count):
+    """Splits the physical CPU into `count` logical devices (all TF state is reset)."""
+    keras.backend.clear_session()
+    context._reset_context()  # pylint: disable=protected-access
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+    )
+    # The global tf.random.Generator (keras-cv layers draw from it) would keep a
+    # variable of the reset context, failing every later test that uses it.
+    tf.random.set_global_generator(tf.random.Generator.from_non_deterministic_state())
+
+
+class SplitStepUnderStrategyTest(tf.test.TestCase):
+    """views=3 (two tapes) on two replicas against the same global batch on one device."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        _configure_logical_cpus(2)
+        cls.strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    @classmethod
+    def tearDownClass(cls):
+        _configure_logical_cpus(1)
+        super().tearDownClass()
+
+    def _one_step(self, strategy):
+        images = _random_images(0)
+        features = {"image": images, "classification_view": np.flip(images, axis=1).copy()}
+        with strategy.scope():
+            model = cgc_tf.CGCModel(
+                testing_models.tiny_convnet(16),
+                views=3,
+                lambda_=1.0,
+                global_negatives=True,
+                # T = a flip of the whole image: both runs see the same views.
+                augmentation=cgc_tf.PairedAugmentation(
+                    area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+                ),
+            )
+            model.compile(optimizer=keras.optimizers.SGD(0.5))
+        history = model.fit(
+            features, np.array([0, 1, 2, 1]), batch_size=4, shuffle=False, verbose=0
+        )
+        return [variable.numpy() for variable in model.trainable_variables], history.history
+
+    def test_matches_single_device(self):
+        expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
+        weights, history = self._one_step(self.strategy)
+        for key in ("loss", "ce_loss", "cgc_loss"):
+            self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
+        for actual, expected in zip(weights, expected_weights):
+            self.assertAllClose(actual, expected, atol=1e-5)
 
 
 if __name__ == "__main__":
