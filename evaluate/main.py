@@ -19,7 +19,8 @@ _MODEL = flags.DEFINE_string(
 )
 _COMPARE = flags.DEFINE_string("compare", None, "Optional second model, same forms as --model.")
 _DATASET = flags.DEFINE_string(
-    "dataset", None, "cluttered_digits, a tfds name or folder:/root; default: config.json's."
+    "dataset", None, "cluttered_digits, cluttered_digits_holdout, a tfds name or folder:/root; default: "
+    "config.json's."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory; default: config.json's.")
 _IMAGE_SIZE = flags.DEFINE_integer(

@@ -19,6 +19,9 @@ an unfinished one resumes from its last epoch (the binary's own resume).
 
   python experiments/reproduce.py                      # everything, ~2 CPU cores
   python experiments/reproduce.py --regimes=limited --seeds=0
+  # tuning: validation digits of cluttered_digits_holdout, never the test split
+  python experiments/reproduce.py --holdout --regimes=limited --methods=cgc \
+      --extra=--lambda_=1.0 --output_dir=cgc_runs/tune/lambda1
 """
 
 import json
@@ -65,6 +68,12 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (integers).")
 _EXTRA = flags.DEFINE_multi_string(
     "extra", [], "Extra cgc-train flag for every run, e.g. --extra=--epochs=2 (smoke tests)."
 )
+_HOLDOUT = flags.DEFINE_bool(
+    "holdout", False,
+    "Tune without the test split: train on cluttered_digits_holdout (6/7 of the train "
+    "digits; also the unlabelled data of the semi regime) and report on its validation "
+    "split (the other 1/7).",
+)
 _JOBS = flags.DEFINE_integer(
     "jobs", 1, "Training runs at once. Each uses every core, so 1 is fastest on a CPU.",
     lower_bound=1,
@@ -76,8 +85,18 @@ def run_dir(output_dir, regime, method, seed):
     return os.path.join(output_dir, regime, f"{method}_seed{seed}")
 
 
-def train_command(regime, method, seed, model_dir, extra=()):
-    """The cgc-train command line of one run (list of str)."""
+def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
+    """The cgc-train command line of one run (list of str).
+
+    With `holdout`, the run trains on `cluttered_digits_holdout` (and takes its
+    unlabelled data from it in the semi regime), so it is evaluated on the
+    validation digits, never on the test split.
+    """
+    data_flags = []
+    if holdout:
+        data_flags = ["--dataset=cluttered_digits_holdout"]
+        if regime == "semi":
+            data_flags.append("--unlabeled=cluttered_digits_holdout")
     return [
         sys.executable, "-m", "train.main",
         "--flagfile=" + os.path.join(REPO, "train", "configs", FLAGFILES[regime]),
@@ -85,6 +104,7 @@ def train_command(regime, method, seed, model_dir, extra=()):
         f"--seed={seed}",
         f"--model_dir={model_dir}",
         "--export=false",
+        *data_flags,
         *extra,
     ]
 
@@ -211,7 +231,7 @@ def main(argv):
         while pending and len(running) < _JOBS.value:
             regime, method, seed, model_dir = pending.pop(0)
             os.makedirs(model_dir, exist_ok=True)
-            command = train_command(regime, method, seed, model_dir, extra)
+            command = train_command(regime, method, seed, model_dir, extra, _HOLDOUT.value)
             print("$ " + " ".join(command[1:]), flush=True)
             log = open(os.path.join(model_dir, "train.log"), "a")
             running.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log), log,

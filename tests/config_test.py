@@ -102,6 +102,11 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
     def test_unlabeled_tfds_name_needs_data_dir(self):
         self.assert_invalid(self.config(unlabeled="imagenet2012"), "unlabeled='imagenet2012'")
 
+    def test_embedded_holdout_dataset_needs_no_data_dir(self):
+        config = self.config(dataset="cluttered_digits_holdout", unlabeled="cluttered_digits_holdout")
+        self.assertIs(config.validate(), config)
+        self.assertTrue(config.uses_embedded_dataset)
+
     def test_folder_dataset_must_exist(self):
         missing = os.path.join(self.get_temp_dir(), "no_such_folder")
         self.assert_invalid(

@@ -228,6 +228,60 @@ class ClutteredDigitsTest(tf.test.TestCase):
         )
 
 
+class ClutteredDigitsHoldoutTest(tf.test.TestCase):
+    """`cluttered_digits_holdout`: the train digits split into train and validation."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.data_dir = tempfile.mkdtemp(prefix="cgc_holdout_test_")
+        cls.info = data.dataset_info("cluttered_digits_holdout", cls.data_dir, IMAGE_SIZE)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.data_dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def _by_digit(self, split, holdout):
+        """{source_index: sorted image bytes of its placements} of one split."""
+        found = {}
+        raw = cluttered_digits.load(split, self.data_dir, IMAGE_SIZE, holdout=holdout)
+        for example in tfds.as_numpy(raw):
+            found.setdefault(int(example["source_index"]), []).append(example["image"].tobytes())
+        return {digit: sorted(images) for digit, images in found.items()}
+
+    def test_splits_and_evaluation_on_validation(self):
+        self.assertEqual(self.info.splits, {"train": 4924, "validation": 824, "test": 720})
+        self.assertEqual((self.info.train_split, self.info.eval_split), ("train", "validation"))
+        evaluation = data.eval_dataset(
+            "cluttered_digits_holdout", 100, IMAGE_SIZE, data_dir=self.data_dir
+        )
+        self.assertEqual(sum(int(y.shape[0]) for _, y in evaluation), 824)
+
+    def test_train_and_validation_partition_the_train_digits_unchanged(self):
+        train = self._by_digit("train", holdout=True)
+        validation = self._by_digit("validation", holdout=True)
+        original = self._by_digit("train", holdout=False)
+        self.assertEmpty(set(train) & set(validation))
+        self.assertEqual(set(validation), set(cluttered_digits.holdout_source_indices().tolist()))
+        self.assertEqual(set(train) | set(validation), set(original))
+        # Byte-identical to the ordinary config's examples of the same digits.
+        for digit, images in {**train, **validation}.items():
+            self.assertEqual(images, original[digit], f"source digit {digit}")
+        # Every class is held out, and the test split is the ordinary one.
+        _, labels = cluttered_digits.load_source_digits()
+        self.assertLen(set(labels[sorted(validation)].tolist()), 10)
+        self.assertEqual(self._by_digit("test", holdout=True), self._by_digit("test", False))
+
+    def test_per_class_subset_comes_from_the_holdout_train_split(self):
+        dataset = data.train_dataset(
+            "cluttered_digits_holdout", 30, IMAGE_SIZE, data_dir=self.data_dir,
+            examples_per_class=3, classification_view=False,
+        )
+        labels = np.concatenate([y.numpy() for _, y in dataset])
+        self.assertAllEqual(np.bincount(labels, minlength=10), [3] * 10)
+
+
 class TfdsTest(tf.test.TestCase):
     def test_mocked_mnist(self):
         root = _prepared_metadata("mnist", {"train": 6, "test": 4})

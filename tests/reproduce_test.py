@@ -37,6 +37,20 @@ class ReproduceTest(tf.test.TestCase):
             flagfile = reproduce.train_command(regime, "cgc", 0, "/r")[3].split("=", 1)[1]
             self.assertTrue(os.path.exists(flagfile), flagfile)
 
+    def test_holdout_commands_never_read_the_test_split(self):
+        plain = reproduce.train_command("full", "plain", 0, "/r")
+        self.assertFalse([flag for flag in plain if flag.startswith(("--dataset", "--unlabeled"))])
+        limited = reproduce.train_command("limited", "cgc", 0, "/r", ["--lambda_=1"], holdout=True)
+        self.assertIn("--dataset=cluttered_digits_holdout", limited)
+        self.assertFalse([flag for flag in limited if flag.startswith("--unlabeled")])
+        self.assertEqual(limited[-1], "--lambda_=1")
+        semi = reproduce.train_command("semi", "cgc", 0, "/r", holdout=True)
+        self.assertIn("--dataset=cluttered_digits_holdout", semi)
+        self.assertIn("--unlabeled=cluttered_digits_holdout", semi)
+        # The flagfile's --unlabeled=cluttered_digits comes first and is overridden.
+        self.assertGreater(semi.index("--unlabeled=cluttered_digits_holdout"),
+                           [flag.startswith("--flagfile") for flag in semi].index(True))
+
     def test_summary_is_mean_and_sample_std_over_seeds(self):
         runs = [
             {"regime": "full", "method": "cgc", "seed": seed, "metrics": _metrics(acc, cos)}

@@ -31,8 +31,10 @@ _D = config_lib.TrainConfig()
 _EXIT_PREEMPTED = 128 + 15  # the shell's code for "terminated by SIGTERM"
 
 _DATASET = flags.DEFINE_string(
-    "dataset", _D.dataset, "'cluttered_digits' (embedded), a tfds name prepared in --data_dir, "
-    "or 'folder:/root' (root/train/<class>/*, root/val|test/<class>/*).")
+    "dataset", _D.dataset, "'cluttered_digits' (embedded), 'cluttered_digits_holdout' (for "
+    "tuning: trains on 6/7 of its train digits, validates and reports on the other 1/7), a "
+    "tfds name prepared in --data_dir, or 'folder:/root' (root/train/<class>/*, "
+    "root/val|test/<class>/*).")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", _D.data_dir, "tfds data directory (unset: ~/tensorflow_datasets).")
 _IMAGE_SIZE = flags.DEFINE_integer(

@@ -3,6 +3,9 @@
 `dataset` names (docs/architecture.md):
 - `cluttered_digits`: the embedded tfds builder, prepared offline on first use in
   `data_dir`; `image_size` selects (or creates) its config.
+- `cluttered_digits_holdout`: its holdout config, for tuning without the test
+  split: splits `train` (6 of every 7 train digits), `validation` (the 7th) and
+  `test`; training validates and reports on `validation`.
 - any tensorflow-datasets name, already prepared in `data_dir`. Nothing is ever
   downloaded: an unprepared dataset raises a `ValueError` saying where it was
   looked for and how to prepare it (including manual-download instructions).
@@ -518,7 +521,8 @@ def resolve(dataset, data_dir=None, image_size=48):
     """The source object for a `dataset` name (see the module docstring).
 
     Args:
-      dataset: "cluttered_digits", a tfds name, or "folder:/root".
+      dataset: "cluttered_digits", "cluttered_digits_holdout" (its holdout
+        config: train / validation / test), a tfds name, or "folder:/root".
       data_dir: tfds data directory (None: the tfds default); unused by folders.
       image_size: int, selects the `cluttered_digits` config.
 
@@ -533,8 +537,12 @@ def resolve(dataset, data_dir=None, image_size=48):
             f"dataset={dataset!r} must be {config.EMBEDDED_DATASET!r}, a tensorflow-datasets "
             f"name or '{config.FOLDER_PREFIX}/path/to/root'"
         )
-    if dataset == config.EMBEDDED_DATASET:
-        builder = cluttered_digits.builder(data_dir=data_dir, image_size=image_size)
+    if dataset in (config.EMBEDDED_DATASET, config.HOLDOUT_DATASET):
+        builder = cluttered_digits.builder(
+            data_dir=data_dir,
+            image_size=image_size,
+            holdout=dataset == config.HOLDOUT_DATASET,
+        )
         return TfdsSource(builder, dataset)
     if dataset.startswith(config.FOLDER_PREFIX):
         return FolderSource(dataset)

@@ -19,11 +19,13 @@ from cgc_tf.data.cluttered_digits.cluttered_digits import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SEED,
     MIN_IMAGE_SIZE,
+    HOLDOUT_EVERY,
     PLACEMENTS_PER_DIGIT,
     ClutteredDigits,
     ClutteredDigitsConfig,
     config_for_size,
     generate_example,
+    holdout_source_indices,
     load_source_digits,
     render_example,
     split_source_indices,
@@ -36,6 +38,7 @@ __all__ = [
     "DATASET_NAME",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_SEED",
+    "HOLDOUT_EVERY",
     "MIN_IMAGE_SIZE",
     "PLACEMENTS_PER_DIGIT",
     "ClutteredDigits",
@@ -43,6 +46,7 @@ __all__ = [
     "builder",
     "config_for_size",
     "generate_example",
+    "holdout_source_indices",
     "load",
     "load_source_digits",
     "render_example",
@@ -51,7 +55,7 @@ __all__ = [
 ]
 
 
-def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
+def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE, holdout=False):
     """Returns the prepared `cluttered_digits` builder for `image_size`.
 
     The first call for a given `data_dir` and size renders and writes both
@@ -63,6 +67,8 @@ def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
       image_size: int >= 16, the canvas side. 48 and 64 use the predefined
         configs `size48` / `size64`; any other size uses a custom config named
         f"size{image_size}".
+      holdout: bool; True prepares the holdout config f"size{image_size}_holdout"
+        (splits train / validation / test, see `cluttered_digits.py`).
 
     Returns:
       A `ClutteredDigits` builder whose data is ready for `as_dataset`.
@@ -70,18 +76,21 @@ def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
     Raises:
       ValueError: if `image_size` is not an integer >= 16.
     """
-    dataset_builder = ClutteredDigits(config=config_for_size(image_size), data_dir=data_dir)
+    dataset_builder = ClutteredDigits(
+        config=config_for_size(image_size, holdout), data_dir=data_dir
+    )
     dataset_builder.download_and_prepare()
     return dataset_builder
 
 
-def load(split, data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
+def load(split, data_dir=None, image_size=DEFAULT_IMAGE_SIZE, holdout=False):
     """Loads a split of `cluttered_digits`, preparing the data on first use.
 
     Args:
       split: str, a tfds split spec such as "train", "test" or "train[:10%]".
       data_dir: str or None, the tfds data directory (None: the tfds default).
       image_size: int >= 16, the canvas side S.
+      holdout: bool, read the holdout config (splits train / validation / test).
 
     Returns:
       A tf.data.Dataset of feature dicts, in the stored (deterministic) order:
@@ -92,4 +101,6 @@ def load(split, data_dir=None, image_size=DEFAULT_IMAGE_SIZE):
     Raises:
       ValueError: if `image_size` is not an integer >= 16.
     """
-    return builder(data_dir=data_dir, image_size=image_size).as_dataset(split=split)
+    return builder(data_dir=data_dir, image_size=image_size, holdout=holdout).as_dataset(
+        split=split
+    )

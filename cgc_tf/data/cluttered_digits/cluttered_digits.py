@@ -56,6 +56,19 @@ Builder configs: `size48` (48x48, the default) and `size64` (64x64). Any other
 size >= 16 works through a custom config, e.g.
 `tfds.builder("cluttered_digits", config=ClutteredDigitsConfig(name="size32",
 image_size=32))`.
+
+Holdout configs (`holdout=True`, named f"size{S}_holdout"; `config_for_size(S,
+holdout=True)`) are for tuning without the test split: the same train examples,
+split BY SOURCE DIGIT into `train` (the other 6 of every 7 train digits) and
+`validation` (every 7th train digit, `holdout_source_indices`), plus the
+unchanged `test` split. Every example is byte-identical to the one of the
+ordinary config (clutter still comes from all train digits), so a holdout run
+trains on a subset of the ordinary training data and never sees a test digit:
+
+    split        source digits   placements per digit   examples
+    train        1,231           4                      4,924
+    validation   206             4                        824
+    test         360             2                        720
 """
 
 from __future__ import annotations
@@ -82,6 +95,8 @@ NUM_TRAIN_SOURCE_DIGITS = 1_437
 NUM_TEST_SOURCE_DIGITS = 360
 PLACEMENTS_PER_DIGIT = {"train": 4, "test": 2}
 SPLIT_IDS = {"train": 0, "test": 1}
+# Holdout configs validate on every HOLDOUT_EVERY-th train source digit.
+HOLDOUT_EVERY = 7
 
 # `load_digits()` pixels count the set pixels of 4x4 blocks, hence 0..16.
 SOURCE_MAX_VALUE = 16.0
@@ -210,6 +225,19 @@ def split_source_indices(split, seed=DEFAULT_SEED):
     else:
         chosen = permutation[NUM_TRAIN_SOURCE_DIGITS:]
     return np.sort(chosen).astype(np.int64)
+
+
+def holdout_source_indices(seed=DEFAULT_SEED):
+    """Returns the train source digits that holdout configs use for `validation`.
+
+    Args:
+      seed: int, base seed of the fixed permutation (see `split_source_indices`).
+
+    Returns:
+      int64 [206]: every HOLDOUT_EVERY-th entry of `split_source_indices("train")`
+      (positions 0, 7, 14, ...), sorted ascending.
+    """
+    return split_source_indices("train", seed)[::HOLDOUT_EVERY]
 
 
 @functools.lru_cache(maxsize=512)
@@ -552,9 +580,12 @@ class ClutteredDigitsConfig(tfds.core.BuilderConfig):
 
     Attributes:
       image_size: int >= 16, the canvas side S; images are uint8 [S, S, 3].
+      holdout: bool; True splits the train digits into `train` and `validation`
+        (see the module docstring).
     """
 
     image_size: int = DEFAULT_IMAGE_SIZE
+    holdout: bool = False
 
     def __post_init__(self):
         validate_image_size(self.image_size)
@@ -562,25 +593,30 @@ class ClutteredDigitsConfig(tfds.core.BuilderConfig):
             self.description = f"{self.image_size}x{self.image_size} RGB canvases."
 
 
-def config_for_size(image_size):
-    """Returns the config for `image_size`: the predefined one, or a new custom `size{N}`.
+def config_for_size(image_size, holdout=False):
+    """Returns the config for `image_size`: the predefined one, or a new custom one.
 
     Args:
       image_size: int >= 16, the canvas side.
+      holdout: bool, the holdout config (train / validation / test splits).
 
     Returns:
-      The `ClutteredDigitsConfig` named f"size{image_size}". For 48 and 64 it is
-      the very object in `ClutteredDigits.BUILDER_CONFIGS`, because tfds rejects
-      a different object that reuses a predefined name.
+      The `ClutteredDigitsConfig` named f"size{image_size}" (f"size{image_size}_holdout"
+      with `holdout`). For 48 and 64 without holdout it is the very object in
+      `ClutteredDigits.BUILDER_CONFIGS`, because tfds rejects a different object
+      that reuses a predefined name.
 
     Raises:
       ValueError: if `image_size` is not an integer >= 16.
     """
     image_size = validate_image_size(image_size)
     for config in ClutteredDigits.BUILDER_CONFIGS:
-        if config.image_size == image_size:
+        if config.image_size == image_size and config.holdout == bool(holdout):
             return config
-    return ClutteredDigitsConfig(name=f"size{image_size}", image_size=image_size)
+    suffix = "_holdout" if holdout else ""
+    return ClutteredDigitsConfig(
+        name=f"size{image_size}{suffix}", image_size=image_size, holdout=bool(holdout)
+    )
 
 
 class ClutteredDigits(tfds.core.GeneratorBasedBuilder):
@@ -638,13 +674,26 @@ class ClutteredDigits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Everything is rendered locally; nothing to download.
-        return {split: self._generate_examples(split) for split in SPLIT_IDS}
+        if not self.builder_config.holdout:
+            return {split: self._generate_examples(split) for split in SPLIT_IDS}
+        held_out = holdout_source_indices()
+        return {
+            "train": self._generate_examples("train", exclude=held_out),
+            "validation": self._generate_examples("train", only=held_out),
+            "test": self._generate_examples("test"),
+        }
 
-    def _generate_examples(self, split) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, split, only=None, exclude=None) -> Iterator[tuple[str, dict]]:
+        """Examples of `split`'s source digits, restricted to `only` / without `exclude`."""
         images, labels = load_source_digits()
         split_sources = split_source_indices(split)
+        main_digits = split_sources
+        if only is not None:
+            main_digits = main_digits[np.isin(main_digits, only)]
+        if exclude is not None:
+            main_digits = main_digits[~np.isin(main_digits, exclude)]
         image_size = self.builder_config.image_size
-        for source_index in split_sources.tolist():
+        for source_index in main_digits.tolist():
             for placement in range(PLACEMENTS_PER_DIGIT[split]):
                 example, _ = _generate_from_arrays(
                     images,
