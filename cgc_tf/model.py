@@ -277,10 +277,10 @@ class CGCModel(keras.Model):
         if unlabelled_x is None:
             logits_xe = self.backbone(self._classification_view(x_orig, x_xe), training=True)
             return self._cross_entropy(y, logits_xe, sample_weight), None
-        x_xe = x_orig
-        if self.views == 3 and training:
-            x_xe = self._classification_view(x_orig, x_xe)
-        logits = self.backbone(x_xe, training=training)
+        # The labelled half trains on the classification view (views 2 and 3: the
+        # unlabelled half gives the consistency views); evaluation reads x_orig.
+        x_labelled = self._classification_view(x_orig, x_xe) if training else x_orig
+        logits = self.backbone(x_labelled, training=training)
         return self._cross_entropy(y, logits, sample_weight), logits
 
     def _total_loss(self, ce, cgc, training):

@@ -5,6 +5,7 @@ import io
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import numpy as np
 from PIL import Image
@@ -272,6 +273,19 @@ class ClutteredDigitsHoldoutTest(tf.test.TestCase):
         _, labels = cluttered_digits.load_source_digits()
         self.assertLen(set(labels[sorted(validation)].tolist()), 10)
         self.assertEqual(self._by_digit("test", holdout=True), self._by_digit("test", False))
+
+    def test_a_concurrent_prepare_that_lost_the_rename_reads_the_winner_copy(self):
+        # tfds renames a complete copy into place; the process that renames second
+        # gets FileExistsError (seen with two runs started together).
+        lost_rename = mock.patch.object(
+            cluttered_digits.ClutteredDigits, "download_and_prepare",
+            side_effect=FileExistsError("Cannot rename: destination already exists"),
+        )
+        with lost_rename:
+            builder = cluttered_digits.builder(self.data_dir, IMAGE_SIZE, holdout=True)
+            self.assertEqual(builder.info.splits["validation"].num_examples, 824)
+            with self.assertRaises(FileExistsError):  # nothing prepared there: not hidden
+                cluttered_digits.builder(_temporary_directory(self), IMAGE_SIZE, holdout=True)
 
     def test_per_class_subset_comes_from_the_holdout_train_split(self):
         dataset = data.train_dataset(

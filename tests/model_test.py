@@ -90,6 +90,26 @@ class CGCModelTest(tf.test.TestCase):
         self.assertGreater(history["ce_loss"][0], 0.0)
         self.assertGreater(history["cgc_loss"][0], 0.0)
 
+    def test_semi_supervised_labelled_ce_reads_the_classification_view(self):
+        images = tf.constant(self.images[:8])
+        x_xe = tf.constant(self.images[8:16])
+        labels = tf.constant(self.labels[:8])
+        for views in (2, 3):
+            model = _model(views=views)
+            model.compile(optimizer="sgd")
+            labelled = ({"image": images, "classification_view": x_xe}, labels)
+            batch = (labelled, tf.constant(self.images[16:24]))
+
+            def ce(x):
+                return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    labels, model.backbone(x), from_logits=True)))
+
+            trained, _ = model._classification_part(batch, training=True)
+            evaluated, _ = model._classification_part(batch, training=False)
+            self.assertAllClose(float(trained), ce(x_xe), atol=1e-5, msg=f"views={views}")
+            self.assertAllClose(float(evaluated), ce(images), atol=1e-5, msg=f"views={views}")
+            self.assertNotAllClose(ce(x_xe), ce(images))
+
     def test_lambda_zero_is_plain_baseline(self):
         """lambda_=0 steps exactly as consistency="none" but still reports cgc_loss."""
         deterministic = cgc_tf.PairedAugmentation(

@@ -58,8 +58,9 @@ __all__ = [
 def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE, holdout=False):
     """Returns the prepared `cluttered_digits` builder for `image_size`.
 
-    The first call for a given `data_dir` and size renders and writes both
-    splits (about 9 s of CPU time for 48x48); later calls reuse them.
+    The first call for a given `data_dir` and size renders and writes the
+    splits (about 9 s of CPU time for 48x48); later calls reuse them. Processes
+    that prepare the same config at the same time all succeed.
 
     Args:
       data_dir: str or None, the tfds data directory; None means the tfds
@@ -76,10 +77,17 @@ def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE, holdout=False):
     Raises:
       ValueError: if `image_size` is not an integer >= 16.
     """
-    dataset_builder = ClutteredDigits(
-        config=config_for_size(image_size, holdout), data_dir=data_dir
-    )
-    dataset_builder.download_and_prepare()
+    config = config_for_size(image_size, holdout)
+    dataset_builder = ClutteredDigits(config=config, data_dir=data_dir)
+    try:
+        dataset_builder.download_and_prepare()
+    except FileExistsError:
+        # Two processes started on a fresh data_dir (e.g. runs launched together)
+        # prepare the same config; tfds renames each one's complete copy into
+        # place, and the later rename fails. The earlier copy is complete: read it.
+        dataset_builder = ClutteredDigits(config=config, data_dir=data_dir)
+        if not dataset_builder.is_prepared():
+            raise
     return dataset_builder
 
 
