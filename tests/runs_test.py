@@ -1,4 +1,4 @@
-"""experiments/reproduce.py: run commands, aggregation over seeds, the README table."""
+"""experiments/runs.py: run commands, aggregation over seeds, the README table."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from experiments import reproduce
+from experiments import runs
 
 
 def _metrics(accuracy, consistency):
@@ -24,27 +24,27 @@ def _metrics(accuracy, consistency):
 
 class ReproduceTest(tf.test.TestCase):
     def test_commands_use_the_regime_flagfile_and_method_flags(self):
-        command = reproduce.train_command("limited", "plain", 2, "/runs/x", ["--epochs=1"])
+        command = runs.train_command("limited", "plain", 2, "/runs/x", ["--epochs=1"])
         self.assertIn("--flagfile=" + os.path.join(
-            reproduce.REPO, "train", "configs", "cluttered_digits_limited.cfg"), command)
+            runs.REPO, "train", "configs", "cluttered_digits_limited.cfg"), command)
         self.assertIn("--lambda_=0", command)
         self.assertIn("--seed=2", command)
         self.assertEqual(command[-1], "--epochs=1")
-        self.assertIn("--consistency=mse", reproduce.train_command("full", "gc", 0, "/r"))
-        cgc = reproduce.train_command("semi", "cgc", 0, "/r")
+        self.assertIn("--consistency=mse", runs.train_command("full", "gc", 0, "/r"))
+        cgc = runs.train_command("semi", "cgc", 0, "/r")
         self.assertFalse([flag for flag in cgc if flag.startswith(("--lambda_", "--consistency"))])
-        for regime in reproduce.FLAGFILES:
-            flagfile = reproduce.train_command(regime, "cgc", 0, "/r")[3].split("=", 1)[1]
+        for regime in runs.FLAGFILES:
+            flagfile = runs.train_command(regime, "cgc", 0, "/r")[3].split("=", 1)[1]
             self.assertTrue(os.path.exists(flagfile), flagfile)
 
     def test_holdout_commands_never_read_the_test_split(self):
-        plain = reproduce.train_command("full", "plain", 0, "/r")
+        plain = runs.train_command("full", "plain", 0, "/r")
         self.assertFalse([flag for flag in plain if flag.startswith(("--dataset", "--unlabeled"))])
-        limited = reproduce.train_command("limited", "cgc", 0, "/r", ["--lambda_=1"], holdout=True)
+        limited = runs.train_command("limited", "cgc", 0, "/r", ["--lambda_=1"], holdout=True)
         self.assertIn("--dataset=cluttered_digits_holdout", limited)
         self.assertFalse([flag for flag in limited if flag.startswith("--unlabeled")])
         self.assertEqual(limited[-1], "--lambda_=1")
-        semi = reproduce.train_command("semi", "cgc", 0, "/r", holdout=True)
+        semi = runs.train_command("semi", "cgc", 0, "/r", holdout=True)
         self.assertIn("--dataset=cluttered_digits_holdout", semi)
         self.assertIn("--unlabeled=cluttered_digits_holdout", semi)
         # The flagfile's --unlabeled=cluttered_digits comes first and is overridden.
@@ -52,14 +52,14 @@ class ReproduceTest(tf.test.TestCase):
                            [flag.startswith("--flagfile") for flag in semi].index(True))
 
     def test_summary_is_mean_and_sample_std_over_seeds(self):
-        runs = [
+        results = [
             {"regime": "full", "method": "cgc", "seed": seed, "metrics": _metrics(acc, cos)}
             for seed, (acc, cos) in enumerate([(0.90, 0.8), (0.92, 0.9), (0.94, 1.0)])
         ]
-        summary = reproduce.summarize(runs)
+        summary = runs.summarize(results)
         mean, std, count = summary[("full", "cgc")]["accuracy"]
         self.assertAllClose([mean, std, count], [0.92, np.std([0.9, 0.92, 0.94], ddof=1), 3])
-        table = reproduce.markdown_table(summary, ["full"], ["plain", "cgc"])
+        table = runs.markdown_table(summary, ["full"], ["plain", "cgc"])
         lines = table.splitlines()
         self.assertLen(lines, 3)  # header, rule, the one group that exists
         self.assertIn("| full | cgc | 3 | 92.0 ± 2.0 |", lines[2])
@@ -67,11 +67,11 @@ class ReproduceTest(tf.test.TestCase):
 
     def test_read_metrics_waits_for_a_finished_run(self):
         model_dir = tempfile.mkdtemp()
-        self.assertIsNone(reproduce.read_metrics(model_dir))
+        self.assertIsNone(runs.read_metrics(model_dir))
         with open(os.path.join(model_dir, "metrics.json"), "w") as f:
             json.dump({"accuracy": 0.5, "explanations": {"consistency_cosine": 0.7}}, f)
         self.assertEqual(
-            reproduce.read_metrics(model_dir), {"accuracy": 0.5, "consistency_cosine": 0.7}
+            runs.read_metrics(model_dir), {"accuracy": 0.5, "consistency_cosine": 0.7}
         )
 
 

@@ -1,0 +1,195 @@
+"""The training runs behind experiments/reproduce.py and experiments/tune.py.
+
+Commands of the training binary for a regime's flagfile, method and seed; a pool
+that runs them (resumable: finished runs are skipped, unfinished ones resume);
+their metrics; the untrained floor; mean +- std tables. No flags: the scripts own
+those.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = {
+    "full": "cluttered_digits.cfg",
+    "limited": "cluttered_digits_limited.cfg",
+    "semi": "cluttered_digits_semi.cfg",
+}
+# Flags that turn the CGC flagfile into each method.
+METHODS = {
+    "plain": ["--lambda_=0"],
+    "gc": ["--consistency=mse"],
+    "cgc": [],
+}
+COLUMNS = (
+    ("accuracy", "accuracy %", 100.0),
+    ("content_heatmap_percent", "CH %", 1.0),
+    ("insertion_auc", "insertion", 1.0),
+    ("deletion_auc", "deletion", 1.0),
+    ("consistency_cosine", "consistency cos", 1.0),
+    ("consistency_pearson", "consistency r", 1.0),
+    ("pointing_game", "pointing %", 100.0),
+)
+UNTRAINED = "untrained"
+
+
+def run_dir(output_dir, regime, method, seed):
+    """Directory of one training run."""
+    return os.path.join(output_dir, regime, f"{method}_seed{seed}")
+
+
+def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
+    """The cgc-train command line of one run (list of str).
+
+    With `holdout`, the run trains on `cluttered_digits_holdout` (and takes its
+    unlabelled data from it in the semi regime), so it is evaluated on the
+    validation digits, never on the test split.
+    """
+    data_flags = []
+    if holdout:
+        data_flags = ["--dataset=cluttered_digits_holdout"]
+        if regime == "semi":
+            data_flags.append("--unlabeled=cluttered_digits_holdout")
+    return [
+        sys.executable, "-m", "train.main",
+        "--flagfile=" + os.path.join(REPO, "train", "configs", FLAGFILES[regime]),
+        *METHODS[method],
+        f"--seed={seed}",
+        f"--model_dir={model_dir}",
+        "--export=false",
+        *data_flags,
+        *extra,
+    ]
+
+
+def read_metrics(model_dir):
+    """The flat metrics of a finished run, or None when it has not finished."""
+    path = os.path.join(model_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)
+    return {"accuracy": metrics["accuracy"], **metrics["explanations"]}
+
+
+def untrained_metrics(config_path, seed):
+    """Metrics of an untrained network built as a finished run's config says.
+
+    Args:
+      config_path: a run's config.json (gives the dataset, arch, image size).
+      seed: int, seeds the initial weights and the transforms T.
+
+    Returns:
+      dict metric -> float, the keys of `read_metrics`.
+    """
+    # Imported here: only the floor needs TensorFlow in this process.
+    import keras
+
+    from cgc_tf import config as config_lib
+    from cgc_tf import data, evaluation, training
+
+    with open(config_path) as f:
+        config = config_lib.TrainConfig.from_json(f.read())
+    keras.utils.set_random_seed(seed)
+    info = data.dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
+    backbone, target_layer = training.build_backbone(config, info.num_classes, lambda *a: None)
+    dataset = data.eval_dataset(
+        config.dataset, config.batch_size, config.image_size, data_dir=config.data_dir,
+        with_boxes=info.has_bounding_boxes,
+    )
+    results = evaluation.evaluate_model(
+        evaluation.Explainer(backbone, target_layer), dataset, augmentation_seed=seed,
+        progress=False,
+    )
+    return {key: value for key, value in results.items() if not key.endswith("_count")}
+
+
+def summarize(runs):
+    """Mean and sample standard deviation over seeds.
+
+    Args:
+      runs: list of dicts {"regime", "method", "seed", "metrics"}.
+
+    Returns:
+      dict (regime, method) -> metric -> (mean, std, n).
+    """
+    grouped = {}
+    for run in runs:
+        grouped.setdefault((run["regime"], run["method"]), []).append(run["metrics"])
+    summary = {}
+    for key, metric_dicts in grouped.items():
+        summary[key] = {}
+        for metric, _, _ in COLUMNS:
+            values = np.array([m[metric] for m in metric_dicts if m.get(metric) is not None])
+            if values.size:
+                std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+                summary[key][metric] = (float(values.mean()), std, int(values.size))
+    return summary
+
+
+def markdown_table(summary, regimes, methods):
+    """The README table: one row per regime and method, mean +- std over seeds."""
+    header = "| regime | method | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+    for regime in regimes:
+        for method in [UNTRAINED] + list(methods):
+            row = summary.get((regime, method))
+            if row is None:
+                continue
+            seeds = max(n for _, _, n in row.values())
+            cells = []
+            for metric, _, scale in COLUMNS:
+                if metric not in row:
+                    cells.append("n/a")
+                    continue
+                mean, std, _ = row[metric]
+                digits = 1 if scale == 100.0 or metric == "content_heatmap_percent" else 3
+                cells.append(f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}")
+            lines.append(f"| {regime} | {method} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_all(runs, jobs):
+    """Runs training commands, `jobs` at a time, skipping finished ones.
+
+    Args:
+      runs: list of (command, model_dir): a `train_command` and its --model_dir.
+        A run whose metrics.json exists is skipped; an unfinished one resumes
+        (the binary's own resume). Output goes to model_dir/train.log.
+      jobs: int >= 1, runs at once.
+
+    Raises:
+      RuntimeError: naming the log of the first run that failed.
+    """
+    pending = [(command, model_dir) for command, model_dir in runs
+               if read_metrics(model_dir) is None]
+    total = len(runs)
+    done = total - len(pending)
+    print(f"{done} of {total} runs already finished; {len(pending)} to run.", flush=True)
+    running = []
+    started = time.monotonic()
+    while pending or running:
+        while pending and len(running) < jobs:
+            command, model_dir = pending.pop(0)
+            os.makedirs(model_dir, exist_ok=True)
+            print("$ " + " ".join(command[1:]), flush=True)
+            log = open(os.path.join(model_dir, "train.log"), "a")
+            running.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log), log,
+                            model_dir))
+        process, log, model_dir = running[0]
+        if process.wait() != 0:
+            raise RuntimeError(
+                f"training failed (exit {process.returncode}); see "
+                f"{os.path.join(model_dir, 'train.log')}"
+            )
+        log.close()
+        running.pop(0)
+        done += 1
+        elapsed = time.monotonic() - started
+        print(f"[{done}/{total}] {model_dir} finished ({elapsed / 60:.1f} min so far)",
+              flush=True)

@@ -1,0 +1,106 @@
+r"""Tunes CGC on held-out training digits, never on the test split (issue #4).
+
+Every run trains on `cluttered_digits_holdout` (6 of every 7 train digits) with
+a regime's flagfile (see runs.py) and reports on its validation split (the
+7th digit), so choosing settings here leaves the test split untouched. One
+setting is changed at a time from the paper's (lambda 0.5, temperature 0.5) and
+the flagfile's (two views, crops of >= 50% of the image):
+
+  plain           lambda_=0 (the baseline every point is compared with)
+  cgc             the flagfile's settings
+  lambda*         the weight of the consistency loss
+  temperature*    the InfoNCE temperature
+  min_area*       the smallest crop of T (augmentation strength)
+  views3          METHOD.md's three cross-entropy views
+
+Writes results.json and results.md (mean +- standard deviation over seeds, one
+row per point) into --output_dir; resumable like runs.py.
+
+  python experiments/tune.py --regime=limited --jobs=2
+  python experiments/tune.py --regime=semi --points=plain,cgc,lambda1
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import runs  # noqa: E402  (after the path insert)
+
+POINTS = {
+    "plain": ["--lambda_=0"],
+    "cgc": [],
+    "lambda0.25": ["--lambda_=0.25"],
+    "lambda1": ["--lambda_=1.0"],
+    "lambda2": ["--lambda_=2.0"],
+    "temperature0.1": ["--temperature=0.1"],
+    "temperature1": ["--temperature=1.0"],
+    "min_area0.25": ["--transform_min_area=0.25"],
+    "min_area0.8": ["--transform_min_area=0.8"],
+    "views3": ["--views=3"],
+}
+
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", os.path.join("cgc_runs", "tune"), "Where the runs and results go."
+)
+_REGIME = flags.DEFINE_enum("regime", "limited", list(runs.FLAGFILES), "Flagfile regime.")
+_POINTS = flags.DEFINE_list("points", list(POINTS), f"Settings to run, of {list(POINTS)}.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (integers).")
+_EXTRA = flags.DEFINE_multi_string(
+    "extra", [], "Extra cgc-train flag for every run, e.g. --extra=--examples_per_class=30."
+)
+_JOBS = flags.DEFINE_integer("jobs", 1, "Training runs at once.", lower_bound=1)
+
+
+def point_command(regime, point, seed, model_dir, extra=()):
+    """The cgc-train command of one tuning run: holdout data, the point's flags last."""
+    return runs.train_command(
+        regime, "cgc", seed, model_dir, list(extra) + POINTS[point], holdout=True
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    unknown = [p for p in _POINTS.value if p not in POINTS]
+    if unknown:
+        raise app.UsageError(f"--points has unknown values {unknown}; allowed: {list(POINTS)}")
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+    except ValueError as error:
+        raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from error
+    output_dir = os.path.abspath(_OUTPUT_DIR.value)
+    regime = _REGIME.value
+    plan = [
+        (point, seed, runs.run_dir(output_dir, regime, point, seed))
+        for seed in seeds
+        for point in _POINTS.value
+    ]
+    runs.run_all(
+        [(point_command(regime, point, seed, model_dir, _EXTRA.value), model_dir)
+         for point, seed, model_dir in plan],
+        _JOBS.value,
+    )
+    results = [
+        {"regime": regime, "method": point, "seed": seed,
+         "metrics": runs.read_metrics(model_dir)}
+        for point, seed, model_dir in plan
+    ]
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = runs.markdown_table(runs.summarize(results), [regime], _POINTS.value)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

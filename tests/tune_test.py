@@ -1,0 +1,35 @@
+"""experiments/tune.py: tuning commands read the holdout data, never the test split."""
+
+import tensorflow as tf
+
+from experiments import runs
+from experiments import tune
+
+
+class TuneTest(tf.test.TestCase):
+    def test_every_point_trains_on_the_holdout_with_its_flags_last(self):
+        for regime in runs.FLAGFILES:
+            for point, flags in tune.POINTS.items():
+                command = tune.point_command(
+                    regime, point, 1, "/runs/p", ["--examples_per_class=30"]
+                )
+                self.assertIn("--dataset=cluttered_digits_holdout", command)
+                self.assertIn("--seed=1", command)
+                self.assertIn("--examples_per_class=30", command)
+                self.assertEqual(command[len(command) - len(flags):], flags)
+                if regime == "semi":
+                    self.assertIn("--unlabeled=cluttered_digits_holdout", command)
+
+    def test_points_change_one_setting_each(self):
+        self.assertEqual(tune.POINTS["cgc"], [])
+        self.assertEqual(tune.POINTS["plain"], ["--lambda_=0"])
+        for point, flags in tune.POINTS.items():
+            self.assertLessEqual(len(flags), 1, point)
+        changed = [flags[0].split("=")[0] for flags in tune.POINTS.values() if flags]
+        self.assertEqual(
+            set(changed), {"--lambda_", "--temperature", "--transform_min_area", "--views"}
+        )
+
+
+if __name__ == "__main__":
+    tf.test.main()
