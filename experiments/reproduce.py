@@ -5,8 +5,8 @@ each with several seeds, in three regimes, by running the training binary with
 the regime's flagfile:
 
   full     train/configs/cluttered_digits.cfg          every training label
-  limited  train/configs/cluttered_digits_limited.cfg  10 labelled images per class
-  semi     train/configs/cluttered_digits_semi.cfg     10 per class + the rest unlabelled
+  limited  train/configs/cluttered_digits_limited.cfg  30 labelled images per class
+  semi     train/configs/cluttered_digits_semi.cfg     30 per class + the rest unlabelled
 
 and evaluates an untrained network of the same architecture as a floor. Each
 run's metrics come from its own `metrics.json` (test split, transforms T seeded
