@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: machine description, timing, memory, output.
+"""Shared helpers of the benchmarks: machine description, flag checks, timing, memory, output.
 
 Every benchmark prints a human-readable table followed by one JSON object per
 line (`emit_records`), so results can be read by eye and collected by tools
@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+from absl import app
 
 # Emitted by a probe subprocess in front of its JSON result, so the result is
 # found among TensorFlow's log lines.
@@ -48,8 +49,22 @@ def load_average():
         return None
 
 
+def host_description():
+    """The host a benchmark ran on, whatever the framework: CPU, cores, Python, load.
+
+    Returns:
+      dict of JSON-serialisable values.
+    """
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average": load_average(),
+    }
+
+
 def machine_description():
-    """Where a benchmark ran: CPU, cores, devices, library versions, load.
+    """Where a benchmark ran: `host_description` plus devices and library versions.
 
     Returns:
       dict of JSON-serialisable values.
@@ -58,21 +73,18 @@ def machine_description():
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    description = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "devices": [device.name for device in tf.config.list_logical_devices()],
-        "accelerator": (
+    description = host_description()
+    description.update(
+        devices=[device.name for device in tf.config.list_logical_devices()],
+        accelerator=(
             [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
              for gpu in gpus]
             if gpus
             else None
         ),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "load_average": load_average(),
-    }
+        tensorflow=tf.__version__,
+        keras=keras.__version__,
+    )
     return description
 
 
@@ -84,6 +96,29 @@ def format_machine(description):
         f"TensorFlow {description['tensorflow']}, Keras {description['keras']}; "
         f"load average {description['load_average']}"
     )
+
+
+# -------------------------------------------------------------------- flags
+def check_subsets(checks):
+    """Raises `app.UsageError` unless every list flag is a non-empty subset of its choices.
+
+    Args:
+      checks: iterable of (flag name, list of values, allowed values).
+    """
+    for name, values, allowed in checks:
+        if not values or set(values) - set(allowed):
+            raise app.UsageError(f"--{name}={values} must be a non-empty subset of {list(allowed)}")
+
+
+def check_minimums(checks):
+    """Raises `app.UsageError` unless every numeric flag is at least its minimum.
+
+    Args:
+      checks: iterable of (flag name, value, minimum).
+    """
+    for name, value, minimum in checks:
+        if value < minimum:
+            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
 
 
 # ------------------------------------------------------------------- timing
@@ -155,6 +190,23 @@ def paired_ratio(numerator, denominator):
     time, so the per-round ratio cancels most of the machine's load changes.
     """
     return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+
+def ratios_to(times, reference_times, name):
+    """Wall-clock and CPU-time `paired_ratio`s to a reference, as record fields.
+
+    Args:
+      times: one entry of `interleaved_times`: {"wall": [...], "cpu": [...]}.
+      reference_times: the reference's entry of the same `interleaved_times` call.
+      name: the reference's name in the field names, e.g. "plain".
+
+    Returns:
+      {f"ratio_to_{name}": float, f"cpu_ratio_to_{name}": float}.
+    """
+    return {
+        f"ratio_to_{name}": paired_ratio(times["wall"], reference_times["wall"]),
+        f"cpu_ratio_to_{name}": paired_ratio(times["cpu"], reference_times["cpu"]),
+    }
 
 
 # ------------------------------------------------------------------- memory
@@ -278,6 +330,22 @@ def emit_records(records, stream=None):
     stream.flush()
 
 
+def print_report(header_lines, records, columns, rows=None):
+    """Prints a benchmark's output: header lines, the table, one JSON line per record.
+
+    Args:
+      header_lines: list of str, e.g. [format_machine(description), the settings].
+      records: list of dicts, printed as JSON lines (`emit_records`).
+      columns: the table's columns (`format_table`).
+      rows: the table's rows if not the records themselves (e.g. values formatted
+        for reading).
+    """
+    for line in header_lines:
+        print(line)
+    print(format_table(records if rows is None else rows, columns))
+    emit_records(records)
+
+
 def mebibytes(value):
     """Bytes -> MiB (float), None stays None."""
     return None if value is None else value / 2**20
@@ -286,6 +354,19 @@ def mebibytes(value):
 # ------------------------------------------------------------------- models
 # Step variants: a plain classifier step and the CGC steps (see step_time.py).
 STEP_VARIANTS = ("plain", "cgc3", "cgc2")
+
+# Table columns of step times compared with the plain step's (`summarize`, the
+# plain median and `ratios_to(..., "plain")`): step_time's and reference_torch's,
+# so that the two tables read side by side.
+PLAIN_COMPARISON_COLUMNS = [
+    ("median_s", "median s"),
+    ("min_s", "min s"),
+    ("max_s", "max s"),
+    ("plain_median_s", "plain s"),
+    ("ratio_to_plain", "x plain"),
+    ("cpu_median_s", "CPU s"),
+    ("cpu_ratio_to_plain", "CPU x plain"),
+]
 
 
 def jit_value(setting):

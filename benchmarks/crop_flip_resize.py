@@ -7,10 +7,11 @@ the images (x_aug = T(x_orig)) and once, differentiated, on the heatmaps (the
 warp of cam(x_orig)). Methods (`--methods`):
   gather  the library's op: two bilinear taps per output row, then per output
           column, by batched gathers (O(output pixels));
-  dense   the formulation cgc_tf used before: per-example interpolation matrices
-          [B, out, in] built from one-hot rows, applied with two einsums
-          (O(output pixels x input side)); kept here to justify the choice, e.g.
-          on an accelerator where dense contractions beat gathers.
+  dense   the formulation cgc_tf used before (`benchmarks.dense_resize`):
+          per-example interpolation matrices [B, out, in] built from one-hot
+          rows, applied with two einsums (O(output pixels x input side)); kept
+          to justify the choice, e.g. on an accelerator where dense
+          contractions beat gathers.
 Workloads: `images`, the forward op on float32 [B, S, S, 3]; `heatmaps`, forward
 and gradient on float32 [B, S, S, 1] (what the CGC loss differentiates). Every
 method x workload x `--jit_compile` setting is a tf.function built in this one
@@ -45,67 +46,27 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the inputs and of the transform
 
 
 def _check_flags():
-    for name, value, allowed in (
-        ("methods", _METHODS.value, METHODS),
-        ("jit_compile", _JIT_COMPILE.value, JIT_SETTINGS),
-    ):
-        if not value or set(value) - set(allowed):
-            raise app.UsageError(f"--{name}={value} must be a non-empty subset of {list(allowed)}")
-    for name, value, minimum in (
-        ("batch_size", _BATCH_SIZE.value, 1),
-        ("image_size", _IMAGE_SIZE.value, 2),
-        ("warmup_calls", _WARMUP_CALLS.value, 1),
-        ("timed_calls", _TIMED_CALLS.value, 1),
-    ):
-        if value < minimum:
-            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
-
-
-def dense_crop_flip_resize(images, boxes, flips, output_size):
-    """`crop_flip_resize` by dense interpolation matrices and two einsums.
-
-    Args:
-      images: float32 [B, H, W, C] with static H, W.
-      boxes: float32 [B, 4], normalised [y1, x1, y2, x2] (crop_and_resize convention).
-      flips: bool [B].
-      output_size: two Python ints (out_h, out_w), each >= 2.
-
-    Returns:
-      float32 [B, out_h, out_w, C].
-    """
-    import tensorflow as tf
-
-    def matrix(start, end, input_size, size):
-        # The same coordinates and 1e-3 pixel border tolerance as the library's taps.
-        last = float(input_size - 1)
-        scale = (end - start) * last / float(size - 1)
-        positions = tf.range(size, dtype=tf.float32)
-        coordinates = start[:, None] * last + positions[None, :] * scale[:, None]
-        inside = (coordinates >= -1e-3) & (coordinates <= last + 1e-3)
-        lower = tf.floor(coordinates)
-        fraction = coordinates - lower
-        lower_index = tf.cast(tf.clip_by_value(lower, 0.0, last), tf.int32)
-        upper_index = tf.cast(tf.clip_by_value(tf.math.ceil(coordinates), 0.0, last), tf.int32)
-        weights = (
-            tf.one_hot(lower_index, input_size) * (1.0 - fraction)[..., None]
-            + tf.one_hot(upper_index, input_size) * fraction[..., None]
+    common.check_subsets(
+        (("methods", _METHODS.value, METHODS), ("jit_compile", _JIT_COMPILE.value, JIT_SETTINGS))
+    )
+    common.check_minimums(
+        (
+            ("batch_size", _BATCH_SIZE.value, 1),
+            ("image_size", _IMAGE_SIZE.value, 2),
+            ("warmup_calls", _WARMUP_CALLS.value, 1),
+            ("timed_calls", _TIMED_CALLS.value, 1),
         )
-        return weights * tf.cast(inside, tf.float32)[..., None]
-
-    rows = matrix(boxes[:, 0], boxes[:, 2], images.shape[1], output_size[0])
-    columns = matrix(boxes[:, 1], boxes[:, 3], images.shape[2], output_size[1])
-    columns = tf.where(flips[:, None, None], columns[:, ::-1], columns)
-    resized = tf.einsum("boh,bhwc->bowc", rows, images)
-    return tf.einsum("bpw,bowc->bopc", columns, resized)
+    )
 
 
 def _functions(batch_size, image_size, seed):
     """{(method, jit, workload): (tf.function, input)} and the transform they share."""
     import tensorflow as tf
 
+    from benchmarks import dense_resize
     from cgc_tf import augment
 
-    implementations = {"gather": augment.crop_flip_resize, "dense": dense_crop_flip_resize}
+    implementations = {"gather": augment.crop_flip_resize, "dense": dense_resize.crop_flip_resize}
     transform = augment.PairedAugmentation(seed=seed).sample(batch_size, image_size, image_size)
     boxes, flips = transform["boxes"], transform["flips"]
     size = (image_size, image_size)
@@ -172,12 +133,7 @@ def run():
             record["max_abs_difference"] = float(np.max(np.abs(outputs[key] - outputs[reference])))
         baseline = ("gather", jit, workload)
         if baseline in times:
-            record["ratio_to_gather"] = common.paired_ratio(
-                times[key]["wall"], times[baseline]["wall"]
-            )
-            record["cpu_ratio_to_gather"] = common.paired_ratio(
-                times[key]["cpu"], times[baseline]["cpu"]
-            )
+            record.update(common.ratios_to(times[key], times[baseline], "gather"))
         records.append(record)
     records.sort(
         key=lambda r: (WORKLOADS.index(r["workload"]), r["jit_compile"], r["method"] != "gather")
@@ -203,8 +159,7 @@ def main(argv):
     del argv  # Unused.
     _check_flags()
     description, records = run()
-    print(common.format_machine(description))
-    print(
+    settings = (
         f"crop_flip_resize [{_BATCH_SIZE.value}, {_IMAGE_SIZE.value}, {_IMAGE_SIZE.value}, C]; "
         "images: forward, C=3; heatmaps: forward + gradient, C=1; "
         f"{_WARMUP_CALLS.value} warm-up + {_TIMED_CALLS.value} timed calls, interleaved; "
@@ -217,8 +172,7 @@ def main(argv):
         else record
         for record in records
     ]
-    print(common.format_table(rows, COLUMNS))
-    common.emit_records(records)
+    common.print_report([common.format_machine(description), settings], records, COLUMNS, rows)
 
 
 if __name__ == "__main__":

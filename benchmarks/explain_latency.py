@@ -9,7 +9,7 @@ For each surface and batch size it times, interleaved (`common.interleaved_times
                class_id) and `explain` (+ heatmap), loaded with tf.saved_model.load;
   onnx         `model.onnx` from `cgc_tf.export.export_model` (the `explain`
                function) in onnxruntime; prediction: the same serving predict
-               function converted by tf2onnx the same way (`_predict_onnx`).
+               function converted the same way (`export.onnx_model`).
 The export is the real one (`export_model`, verification included) of an
 untrained `CGCModel` around the chosen backbone: latency does not depend on
 the weights. "heatmap overhead" is the median over rounds of explanation time /
@@ -52,19 +52,15 @@ def _check_flags():
         batch_sizes = []
     if not batch_sizes or min(batch_sizes) < 1:
         raise app.UsageError(f"--batch_sizes={_BATCH_SIZES.value} must be integers >= 1")
-    unknown = sorted(set(_SURFACES.value) - set(SURFACES))
-    if unknown or not _SURFACES.value:
-        raise app.UsageError(
-            f"--surfaces={_SURFACES.value} must be a non-empty subset of {list(SURFACES)}"
+    common.check_subsets((("surfaces", _SURFACES.value, SURFACES),))
+    common.check_minimums(
+        (
+            ("image_size", _IMAGE_SIZE.value, 8),
+            ("num_classes", _NUM_CLASSES.value, 2),
+            ("warmup_calls", _WARMUP_CALLS.value, 1),
+            ("timed_calls", _TIMED_CALLS.value, 1),
         )
-    for name, value, minimum in (
-        ("image_size", _IMAGE_SIZE.value, 8),
-        ("num_classes", _NUM_CLASSES.value, 2),
-        ("warmup_calls", _WARMUP_CALLS.value, 1),
-        ("timed_calls", _TIMED_CALLS.value, 1),
-    ):
-        if value < minimum:
-            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
+    )
     return batch_sizes
 
 
@@ -88,11 +84,10 @@ def _predict_onnx(model, path):
     """Converts the serving predict function (no heatmap) to ONNX, as export.write_onnx does.
 
     `export_model` writes only the `explain` function to ONNX; the prediction
-    baseline must be converted by the same route to be comparable.
+    baseline must be converted by the same route (`export.onnx_model`) to be comparable.
     """
     import onnx
     import tensorflow as tf
-    import tf2onnx
 
     from cgc_tf import export
     from cgc_tf import serving
@@ -101,21 +96,7 @@ def _predict_onnx(model, path):
     function = tf.function(
         functions.predict, input_signature=[serving.float_spec(None, channels=3)], autograph=False
     )
-    concrete = function.get_concrete_function()
-    arguments = len(tf.nest.flatten(concrete.structured_input_signature))
-    input_names = [tensor.name for tensor in concrete.inputs[:arguments]]
-    output_names = [tensor.name for tensor in concrete.outputs]
-    graph_def = tf2onnx.tf_loader.from_function(concrete, input_names, output_names)
-    proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def,
-        input_names=input_names,
-        output_names=output_names,
-        opset=export.DEFAULT_OPSET,
-        tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(
-            concrete, input_names, output_names
-        ),
-    )
-    onnx.save(proto, path)
+    onnx.save(export.onnx_model(function.get_concrete_function(), export.DEFAULT_OPSET), path)
 
 
 def _onnx_session(path):
@@ -249,14 +230,12 @@ def main(argv):
     else:
         with tempfile.TemporaryDirectory(prefix="explain_latency_") as export_dir:
             description, records = run(batch_sizes, export_dir)
-    print(common.format_machine(description))
-    print(
+    settings = (
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, {_NUM_CLASSES.value} classes; "
         f"{_WARMUP_CALLS.value} warm-up + {_TIMED_CALLS.value} timed calls each, prediction and "
         "explanation interleaved; overhead = median per-round explain/predict - 1"
     )
-    print(common.format_table(records, COLUMNS))
-    common.emit_records(records)
+    common.print_report([common.format_machine(description), settings], records, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -51,18 +51,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the images, shuffling and crops
 
 
 def _check_flags():
-    for name, value, minimum in (
-        ("num_images", _NUM_IMAGES.value, max(1, _BATCH_SIZE.value)),
-        ("jpeg_width", _JPEG_WIDTH.value, 8),
-        ("jpeg_height", _JPEG_HEIGHT.value, 8),
-        ("num_classes", _NUM_CLASSES.value, 1),
-        ("image_size", _IMAGE_SIZE.value, 8),
-        ("batch_size", _BATCH_SIZE.value, 1),
-        ("epochs", _EPOCHS.value, 1),
-        ("consumer_steps", _CONSUMER_STEPS.value, 1),
-    ):
-        if value < minimum:
-            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
+    common.check_minimums(
+        (
+            ("num_images", _NUM_IMAGES.value, max(1, _BATCH_SIZE.value)),
+            ("jpeg_width", _JPEG_WIDTH.value, 8),
+            ("jpeg_height", _JPEG_HEIGHT.value, 8),
+            ("num_classes", _NUM_CLASSES.value, 1),
+            ("image_size", _IMAGE_SIZE.value, 8),
+            ("batch_size", _BATCH_SIZE.value, 1),
+            ("epochs", _EPOCHS.value, 1),
+            ("consumer_steps", _CONSUMER_STEPS.value, 1),
+        )
+    )
 
 
 def write_jpegs(root, num_images, width, height, num_classes, seed):
@@ -200,16 +200,14 @@ def main(argv):
     _check_flags()
     with tempfile.TemporaryDirectory(prefix="input_pipeline_") as root:
         description, records = run(root)
-    print(common.format_machine(description))
     summary = records[-1]
-    print(
+    settings = (
         f"{_NUM_IMAGES.value} JPEGs {_JPEG_WIDTH.value}x{_JPEG_HEIGHT.value} "
         f"({summary['jpeg_mib']:.1f} MiB) -> views {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, batch "
         f"{_BATCH_SIZE.value}, cache={_CACHE.value}; dataset setup {summary['setup_s']:.2f} s; "
         f"consumer: {_CONSUMER_VARIANT.value} step of {_ARCH.value}"
     )
-    print(common.format_table(records, COLUMNS))
-    common.emit_records(records)
+    common.print_report([common.format_machine(description), settings], records, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,13 @@ step_time (wall clock and this process's CPU time).
 """
 
 import math
-import os
-import platform
-import time
 
 from absl import app
 from absl import flags
 
 from benchmarks import common
 
-VARIANTS = ("plain", "cgc3", "cgc2")
+VARIANTS = common.STEP_VARIANTS
 
 _ARCH = flags.DEFINE_enum("arch", "resnet18", ("resnet18", "resnet50"), "Backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input side S in pixels (>= 32).")
@@ -250,14 +247,10 @@ def main(argv):
 
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
-    unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
-    if unknown or not _VARIANTS.value:
-        raise app.UsageError(f"--variants={_VARIANTS.value} must be a subset of {list(VARIANTS)}")
-    if _BATCH_SIZE.value < 2 or _IMAGE_SIZE.value < 32:
-        raise app.UsageError(
-            f"--batch_size={_BATCH_SIZE.value} must be >= 2 and --image_size="
-            f"{_IMAGE_SIZE.value} >= 32"
-        )
+    common.check_subsets((("variants", _VARIANTS.value, VARIANTS),))
+    common.check_minimums(
+        (("batch_size", _BATCH_SIZE.value, 2), ("image_size", _IMAGE_SIZE.value, 32))
+    )
     build = _torch_modules()
     generator = torch.Generator().manual_seed(_SEED.value)
     shape = (_BATCH_SIZE.value, 3, _IMAGE_SIZE.value, _IMAGE_SIZE.value)
@@ -267,17 +260,13 @@ def main(argv):
         torch.randint(0, _NUM_CLASSES.value, (_BATCH_SIZE.value,), generator=generator),
     )
     steps = {v: make_step(v, build, batch, _IMAGE_SIZE.value) for v in _VARIANTS.value}
-    load_before = common.load_average()
+    description = common.host_description()
     times = common.interleaved_times(steps, _WARMUP_STEPS.value, _TIMED_STEPS.value)
-    description = {
-        "cpu": common.cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average": load_before,
-        "load_average_after": common.load_average(),
-    }
+    description.update(
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        load_average_after=common.load_average(),
+    )
     records = []
     for variant in _VARIANTS.value:
         record = {
@@ -291,40 +280,21 @@ def main(argv):
         }
         if "plain" in times:
             record["plain_median_s"] = common.summarize(times["plain"])["median_s"]
-            record["ratio_to_plain"] = common.paired_ratio(
-                times[variant]["wall"], times["plain"]["wall"]
-            )
-            record["cpu_ratio_to_plain"] = common.paired_ratio(
-                times[variant]["cpu"], times["plain"]["cpu"]
-            )
+            record.update(common.ratios_to(times[variant], times["plain"], "plain"))
         record["machine"] = description
         records.append(record)
-    print(
+    machine = (
         f"device: CPU {description['cpu']} x{description['cores']} cores; torch "
         f"{description['torch']} ({description['torch_threads']} threads); load average "
         f"{description['load_average']}"
     )
-    print(
+    settings = (
         f"reference (PyTorch) {_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch "
         f"{_BATCH_SIZE.value}; {_WARMUP_STEPS.value} warm-up + {_TIMED_STEPS.value} timed steps, "
         "interleaved"
     )
-    print(
-        common.format_table(
-            records,
-            [
-                ("variant", "variant"),
-                ("median_s", "median s"),
-                ("min_s", "min s"),
-                ("max_s", "max s"),
-                ("plain_median_s", "plain s"),
-                ("ratio_to_plain", "x plain"),
-                ("cpu_median_s", "CPU s"),
-                ("cpu_ratio_to_plain", "CPU x plain"),
-            ],
-        )
-    )
-    common.emit_records(records)
+    columns = [("variant", "variant"), *common.PLAIN_COMPARISON_COLUMNS]
+    common.print_report([machine, settings], records, columns)
 
 
 if __name__ == "__main__":

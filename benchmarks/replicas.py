@@ -50,15 +50,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the random batc
 
 
 def _check_flags():
-    for name, value, minimum in (
-        ("image_size", _IMAGE_SIZE.value, 16),
-        ("global_batch", _GLOBAL_BATCH.value, 4),
-        ("num_classes", _NUM_CLASSES.value, 2),
-        ("warmup_steps", _WARMUP_STEPS.value, 1),
-        ("timed_steps", _TIMED_STEPS.value, 5),
-    ):
-        if value < minimum:
-            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
+    common.check_minimums(
+        (
+            ("image_size", _IMAGE_SIZE.value, 16),
+            ("global_batch", _GLOBAL_BATCH.value, 4),
+            ("num_classes", _NUM_CLASSES.value, 2),
+            ("warmup_steps", _WARMUP_STEPS.value, 1),
+            ("timed_steps", _TIMED_STEPS.value, 5),
+        )
+    )
     if _GLOBAL_BATCH.value % 2:
         raise app.UsageError(f"--global_batch={_GLOBAL_BATCH.value} must be even (2 replicas)")
 
@@ -141,12 +141,7 @@ def run():
         }
         record.update(common.summarize(times[setting]))
         record["images_per_s"] = _GLOBAL_BATCH.value / record["median_s"]
-        record["ratio_to_one_device"] = common.paired_ratio(
-            times[setting]["wall"], times[ONE_DEVICE]["wall"]
-        )
-        record["cpu_ratio_to_one_device"] = common.paired_ratio(
-            times[setting]["cpu"], times[ONE_DEVICE]["cpu"]
-        )
+        record.update(common.ratios_to(times[setting], times[ONE_DEVICE], "one_device"))
         record["machine"] = description
         records.append(record)
     return description, records
@@ -169,15 +164,13 @@ def main(argv):
     del argv  # Unused.
     _check_flags()
     description, records = run()
-    print(common.format_machine(description))
-    print(
+    settings = (
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, views {_VIEWS.value}, global "
         f"batch {_GLOBAL_BATCH.value} on {records[1]['devices']}; {_WARMUP_STEPS.value} warm-up "
         f"+ {_TIMED_STEPS.value} timed steps per setting, interleaved; x 1 device = median of "
         "per-round ratios (wall clock; CPU = this process's CPU time)"
     )
-    print(common.format_table(records, COLUMNS))
-    common.emit_records(records)
+    common.print_report([common.format_machine(description), settings], records, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -92,27 +92,20 @@ _PROBE = flags.DEFINE_string(
 
 
 def _check_flags():
-    unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
-    if unknown or not _VARIANTS.value:
-        raise app.UsageError(
-            f"--variants={_VARIANTS.value} must be a non-empty subset of {list(VARIANTS)}"
+    common.check_subsets(
+        (("variants", _VARIANTS.value, VARIANTS), ("jit_compile", _JIT_COMPILE.value, JIT_SETTINGS))
+    )
+    common.check_minimums(
+        (
+            ("image_size", _IMAGE_SIZE.value, 8),
+            ("batch_size", _BATCH_SIZE.value, 1),
+            ("num_classes", _NUM_CLASSES.value, 2),
+            ("replicas", _REPLICAS.value, 1),
+            ("warmup_steps", _WARMUP_STEPS.value, 1),
+            ("timed_steps", _TIMED_STEPS.value, 1),
+            ("memory_steps", _MEMORY_STEPS.value, 1),
         )
-    unknown = sorted(set(_JIT_COMPILE.value) - set(JIT_SETTINGS))
-    if unknown or not _JIT_COMPILE.value:
-        raise app.UsageError(
-            f"--jit_compile={_JIT_COMPILE.value} must be a non-empty subset of {list(JIT_SETTINGS)}"
-        )
-    for name, value, minimum in (
-        ("image_size", _IMAGE_SIZE.value, 8),
-        ("batch_size", _BATCH_SIZE.value, 1),
-        ("num_classes", _NUM_CLASSES.value, 2),
-        ("replicas", _REPLICAS.value, 1),
-        ("warmup_steps", _WARMUP_STEPS.value, 1),
-        ("timed_steps", _TIMED_STEPS.value, 1),
-        ("memory_steps", _MEMORY_STEPS.value, 1),
-    ):
-        if value < minimum:
-            raise app.UsageError(f"--{name}={value} must be >= {minimum}")
+    )
     if _BATCH_SIZE.value % _REPLICAS.value:
         raise app.UsageError(
             f"--batch_size={_BATCH_SIZE.value} must be a multiple of --replicas={_REPLICAS.value}"
@@ -282,12 +275,7 @@ def run():
         if ("plain", jit) in times:
             plain_times = times[("plain", jit)]
             record["plain_median_s"] = common.summarize(plain_times)["median_s"]
-            record["ratio_to_plain"] = common.paired_ratio(
-                times[(variant, jit)]["wall"], plain_times["wall"]
-            )
-            record["cpu_ratio_to_plain"] = common.paired_ratio(
-                times[(variant, jit)]["cpu"], plain_times["cpu"]
-            )
+            record.update(common.ratios_to(times[(variant, jit)], plain_times, "plain"))
         record["device"] = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         record["keras_dtype_policy"] = keras.config.dtype_policy().name
         records.append(record)
@@ -308,13 +296,7 @@ def run():
 COLUMNS = [
     ("variant", "variant"),
     ("jit_compile", "jit"),
-    ("median_s", "median s"),
-    ("min_s", "min s"),
-    ("max_s", "max s"),
-    ("plain_median_s", "plain s"),
-    ("ratio_to_plain", "x plain"),
-    ("cpu_median_s", "CPU s"),
-    ("cpu_ratio_to_plain", "CPU x plain"),
+    *common.PLAIN_COMPARISON_COLUMNS,
     ("images_per_s", "img/s"),
     ("peak_mib", "peak MiB"),
     ("peak_ratio", "peak x plain"),
@@ -338,8 +320,7 @@ def main(argv):
         _probe_memory(variant, jit)
         return
     description, records = run()
-    print(common.format_machine(description))
-    print(
+    settings = (
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value}, "
         f"{_DTYPE_POLICY.value}, {_REPLICAS.value} replica(s), {_WARMUP_STEPS.value} warm-up + "
         f"{_TIMED_STEPS.value} timed steps per variant, interleaved; x plain = median of "
@@ -347,8 +328,7 @@ def main(argv):
         "peak over the memory steps, step = peak - allocator use before them (see the "
         "module docstring)"
     )
-    print(common.format_table(records, COLUMNS))
-    common.emit_records(records)
+    common.print_report([common.format_machine(description), settings], records, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,44 @@ def write_saved_model(functions, metadata, path):
     _write_json(os.path.join(extra, METADATA_FILENAME), metadata)
 
 
+def onnx_model(concrete_function, opset=DEFAULT_OPSET):
+    """Converts a concrete TensorFlow function to ONNX with tf2onnx.
+
+    The function is frozen first, so its captured constants (e.g. a
+    Normalization layer's mean) become graph constants: the ONNX inputs are its
+    arguments only, named, like the outputs, after its structured signature.
+
+    Args:
+      concrete_function: a `tf.types.experimental.ConcreteFunction`, e.g. from
+        `tf.function(..., input_signature=...).get_concrete_function()`.
+      opset: ONNX opset, in [13, the newest tf2onnx supports].
+
+    Returns:
+      The `onnx.ModelProto`. Ops tf2onnx cannot convert are left in place as
+      TensorFlow ops (tf2onnx does not fail on them): callers check the graph.
+    """
+    import tf2onnx  # Imported here: only the ONNX path needs tf2onnx.
+
+    # tf2onnx.convert.from_function declares every non-variable capture of the
+    # function as an extra ONNX input, so freeze first and name only the real
+    # arguments as inputs.
+    arguments = len(tf.nest.flatten(concrete_function.structured_input_signature))
+    input_names = [tensor.name for tensor in concrete_function.inputs[:arguments]]
+    output_names = [tensor.name for tensor in concrete_function.outputs]
+    graph_def = tf2onnx.tf_loader.from_function(concrete_function, input_names, output_names)
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def,
+        name=concrete_function.name,
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
+        tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(
+            concrete_function, input_names, output_names
+        ),
+    )
+    return proto
+
+
 def write_onnx(
     functions, metadata, path, opset=DEFAULT_OPSET, batch_size=None, signature="explain"
 ):
@@ -394,8 +432,7 @@ def write_onnx(
       ValueError: if the converted graph holds ops that ONNX does not define
         (tf2onnx leaves unconvertible TensorFlow ops in place instead of failing).
     """
-    import onnx  # Imported here: only the ONNX path needs onnx and tf2onnx.
-    import tf2onnx
+    import onnx  # Imported here: only the ONNX path needs onnx.
 
     # Same Python function as the SavedModel signature; ONNX declares 3 channels
     # so onnxruntime itself rejects other counts (tf2onnx drops Assert ops).
@@ -407,24 +444,7 @@ def write_onnx(
         input_signature=[serving.float_spec(batch_size, channels=3)],
         autograph=False,
     )
-    concrete = function.get_concrete_function()
-    # tf2onnx.convert.from_function declares every non-variable capture of the
-    # function (e.g. the Normalization layer's mean) as an extra ONNX input, so
-    # freeze first and name only the real arguments as inputs.
-    arguments = len(tf.nest.flatten(concrete.structured_input_signature))
-    input_names = [tensor.name for tensor in concrete.inputs[:arguments]]
-    output_names = [tensor.name for tensor in concrete.outputs]
-    graph_def = tf2onnx.tf_loader.from_function(concrete, input_names, output_names)
-    proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def,
-        name=concrete.name,
-        input_names=input_names,
-        output_names=output_names,
-        opset=opset,
-        tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(
-            concrete, input_names, output_names
-        ),
-    )
+    proto = onnx_model(function.get_concrete_function(), opset)
     unsupported = sorted(
         {
             node.op_type

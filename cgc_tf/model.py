@@ -132,6 +132,20 @@ class CGCModel(keras.Model):
             self.jit_compile = False
         self._build_compiled_metrics()
 
+    def compile_from_config(self, config):
+        """Recompiles a model loaded from a `.keras` file (optimizer, metrics, jit_compile).
+
+        Keras skips this for models whose `compile` is overridden (with a warning),
+        which would leave a loaded CGCModel without its optimizer and its slots.
+        Same steps as `keras.Model.compile_from_config`, through our `compile`.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)  # Always None: the CGC objective is built in.
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            # Create the optimizer's variables so the saved values can load into them.
+            self.optimizer.build(self.trainable_variables)
+
     def _build_compiled_metrics(self):
         """Builds the compiled metrics on symbolic labels and logits.
 

@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
 
+from benchmarks import dense_resize  # noqa: E402
 from cgc_tf import augment  # noqa: E402
 
 BATCH = 3
@@ -28,39 +29,6 @@ def _reference_warp(inputs, transform):
     return tf.where(
         transform["flips"][:, None, None, None], tf.image.flip_left_right(cropped), cropped
     )
-
-
-def _dense_crop_flip_resize(images, boxes, flips, output_size):
-    """The dense formulation `crop_flip_resize` had before its gathers (an oracle).
-
-    Per-example interpolation matrices [B, out, in] built from one-hot rows, applied
-    with two einsums.
-    """
-
-    def matrix(start, end, input_size, size):
-        last = float(input_size - 1)
-        if size > 1:
-            scale = (end - start) * last / float(size - 1)
-            positions = tf.range(size, dtype=tf.float32)
-            coordinates = start[:, None] * last + positions[None, :] * scale[:, None]
-        else:
-            coordinates = (0.5 * (start + end) * last)[:, None]
-        inside = (coordinates >= -1e-3) & (coordinates <= last + 1e-3)
-        lower = tf.floor(coordinates)
-        fraction = coordinates - lower
-        lower_index = tf.cast(tf.clip_by_value(lower, 0.0, last), tf.int32)
-        upper_index = tf.cast(tf.clip_by_value(tf.math.ceil(coordinates), 0.0, last), tf.int32)
-        weights = (
-            tf.one_hot(lower_index, input_size) * (1.0 - fraction)[..., None]
-            + tf.one_hot(upper_index, input_size) * fraction[..., None]
-        )
-        return weights * tf.cast(inside, tf.float32)[..., None]
-
-    rows = matrix(boxes[:, 0], boxes[:, 2], images.shape[1], output_size[0])
-    columns = matrix(boxes[:, 1], boxes[:, 3], images.shape[2], output_size[1])
-    columns = tf.where(tf.cast(flips, tf.bool)[:, None, None], columns[:, ::-1], columns)
-    resized = tf.einsum("boh,bhwc->bowc", rows, images)
-    return tf.einsum("bpw,bowc->bopc", columns, resized)
 
 
 class CropFlipResizeTest(tf.test.TestCase, parameterized.TestCase):
@@ -130,7 +98,7 @@ class CropFlipResizeTest(tf.test.TestCase, parameterized.TestCase):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(heatmaps)
             ours = augment.crop_flip_resize(heatmaps, boxes, flips, output_size)
-            dense = _dense_crop_flip_resize(heatmaps, boxes, flips, output_size)
+            dense = dense_resize.crop_flip_resize(heatmaps, boxes, flips, output_size)
             ours_inner = tf.reduce_sum(cotangent * ours)
             dense_inner = tf.reduce_sum(cotangent * dense)
         self.assertAllClose(dense, ours, atol=1e-6, rtol=0)

@@ -8,29 +8,27 @@ the speed.
 
 import io
 import json
-import os
 import subprocess
 import sys
 
+from absl import app
 from absl.testing import parameterized
 import pytest
 import tensorflow as tf
 
 from benchmarks import common
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import testing_processes
 
 
 def _run_benchmark(module, *flags):
     """Runs a benchmark module; returns (table lines, JSON records)."""
-    environment = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", *flags],
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=_ROOT,
-        env=environment,
+        cwd=testing_processes.REPO,
+        env=testing_processes.subprocess_environment(),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
@@ -92,6 +90,24 @@ class CommonTest(tf.test.TestCase, parameterized.TestCase):
         if current is None:
             self.skipTest("no /proc/self/status on this platform")
         self.assertGreaterEqual(common.peak_rss_bytes(), current)
+
+    def test_ratios_to(self):
+        times = {"wall": [2.0, 20.0, 2.2], "cpu": [1.0, 1.0, 1.0]}
+        reference = {"wall": [1.0, 10.0, 1.0], "cpu": [2.0, 2.0, 2.0]}
+        self.assertEqual(
+            common.ratios_to(times, reference, "plain"),
+            {"ratio_to_plain": 2.0, "cpu_ratio_to_plain": 0.5},
+        )
+
+    def test_flag_checks(self):
+        common.check_subsets((("methods", ["dense"], ("gather", "dense")),))
+        common.check_minimums((("batch_size", 1, 1),))
+        with self.assertRaisesRegex(app.UsageError, r"--methods=\[\] must be a non-empty subset"):
+            common.check_subsets((("methods", [], ("gather", "dense")),))
+        with self.assertRaisesRegex(app.UsageError, r"--methods=\['sparse'\] must be"):
+            common.check_subsets((("methods", ["sparse"], ("gather", "dense")),))
+        with self.assertRaisesRegex(app.UsageError, r"--batch_size=0 must be >= 1"):
+            common.check_minimums((("batch_size", 0, 1),))
 
     def test_jit_value(self):
         self.assertIs(common.jit_value("false"), False)
@@ -177,6 +193,37 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
             summary["pipeline_to_step_ratio"],
             summary["pipeline_images_per_s"] / summary["consumer_images_per_s"],
         )
+
+    def test_crop_flip_resize(self):
+        table, records = _run_benchmark(
+            "crop_flip_resize",
+            "--batch_size=2",
+            "--image_size=16",
+            "--warmup_calls=1",
+            "--timed_calls=2",
+        )
+        self.assertTrue(any(line.startswith("device:") for line in table))
+        self.assertTrue(any("x gather" in line and "max |diff|" in line for line in table))
+        # Every workload x XLA setting x method, the gather method first.
+        self.assertEqual(
+            [(r["workload"], r["jit_compile"], r["method"]) for r in records],
+            [
+                (workload, jit, method)
+                for workload in ("images", "heatmaps")
+                for jit in ("false", "true")
+                for method in ("gather", "dense")
+            ],
+        )
+        for record in records:
+            self.assertEqual(record["timed_calls"], 2)
+            self.assertLessEqual(record["min_ms"], record["median_ms"])
+            self.assertLessEqual(record["median_ms"], record["max_ms"])
+            # The same transform by all four routes: float rounding apart, one output.
+            self.assertLess(record["max_abs_difference"], 1e-4)
+            if record["method"] == "gather":
+                self.assertEqual(record["ratio_to_gather"], 1.0)
+                if record["jit_compile"] == "false":
+                    self.assertEqual(record["max_abs_difference"], 0.0)
 
     def test_reference_torch(self):
         try:

@@ -8,43 +8,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-# Private, as in Keras's own distribute tests: logical devices can only be
-# reconfigured after resetting the eager context.
-from tensorflow.python.eager import context
 
 import cgc_tf
 from cgc_tf import distribute
 from cgc_tf import losses
+from tests import testing_devices
 from tests import testing_models
 
 IMAGE_SIZE = 16
 GLOBAL_BATCH = 4
 LEARNING_RATE = 0.5
-
-
-def configure_logical_cpus(count):
-    """Splits the physical CPU into `count` logical devices (all TF state is reset)."""
-    keras.backend.clear_session()
-    context._reset_context()  # pylint: disable=protected-access
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
-    )
-
-
-class TwoReplicaTestCase(tf.test.TestCase, parameterized.TestCase):
-    """Runs its tests with two logical CPUs and restores one CPU afterwards."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        configure_logical_cpus(2)
-        cls.strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-    @classmethod
-    def tearDownClass(cls):
-        configure_logical_cpus(1)
-        super().tearDownClass()
 
 
 def deterministic_augmentation():
@@ -185,7 +158,7 @@ def _slurm_environment():
     }
 
 
-class ReplicaHelpersTest(TwoReplicaTestCase):
+class ReplicaHelpersTest(testing_devices.TwoReplicaTestCase):
     def test_scale_and_gather(self):
         @tf.function
         def replica_step():
@@ -245,7 +218,7 @@ class ReplicaHelpersTest(TwoReplicaTestCase):
         self.assertAllClose(np.concatenate(local(gradient)), expected_gradient, atol=1e-6)
 
 
-class CGCStepTest(TwoReplicaTestCase):
+class CGCStepTest(testing_devices.TwoReplicaTestCase):
     """One CGC step on two replicas against the same global batch on one device."""
 
     _single_device_results = {}

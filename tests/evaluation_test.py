@@ -17,6 +17,7 @@ import cgc_tf
 from cgc_tf import evaluation
 from cgc_tf import metrics
 from tests import testing_models
+from tests import testing_processes
 
 IMAGE_SIZE = 16
 NUM_IMAGES = 6
@@ -235,12 +236,10 @@ class GridAndLoadingTest(tf.test.TestCase):
 
 def _run_binary(*flags):
     """Runs `python -m evaluate.main` from the repository root; returns the process."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     return subprocess.run(
         [sys.executable, "-m", "evaluate.main", *flags],
-        cwd=root,
-        env=environment,
+        cwd=testing_processes.REPO,
+        env=testing_processes.subprocess_environment(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from cgc_tf import config as config_lib
 from cgc_tf import data
+from tests import testing_processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 16
 STEPS_PER_EPOCH = 2
 EPOCHS = 3
@@ -96,14 +96,6 @@ _CHAIN = (
 )
 
 
-def _environment():
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [REPO] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    return environment
-
-
 def _optimizer_iterations(weights_path):
     """The optimizer step count stored in a .weights.h5 file (opening it checks it is whole)."""
     with h5py.File(weights_path, "r") as f:
@@ -131,7 +123,7 @@ class KillResumeTest(tf.test.TestCase):
     def run_training(self, config, point="none", epochs=0):
         return subprocess.run(
             [sys.executable, "-u", "-c", _RUNNER, config.to_json(), point, str(epochs)],
-            cwd=REPO, env=_environment(),
+            cwd=testing_processes.REPO, env=testing_processes.subprocess_environment(),
             capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
         )
 

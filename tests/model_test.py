@@ -2,17 +2,16 @@
 
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-# Private, as in Keras's own distribute tests: logical devices can only be
-# reconfigured after resetting the eager context.
-from tensorflow.python.eager import context
 
 import cgc_tf
 from cgc_tf import gradcam
+from tests import testing_devices
 from tests import testing_models
 
 
@@ -174,6 +173,30 @@ class CGCModelTest(tf.test.TestCase):
         clone = cgc_tf.CGCModel.from_config(model.get_config())
         self.assertEqual(clone.get_config()["temperature"], 0.2)
 
+    def test_loaded_model_keeps_its_optimizer_and_trains_on(self):
+        model = _model(views=2)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
+        model.fit(self._dataset(), epochs=1, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "model.keras")
+        model.save(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = keras.models.load_model(path)
+        self.assertFalse([w for w in caught if "compile()" in str(w.message)])
+        self.assertIsInstance(loaded.optimizer, keras.optimizers.SGD)
+        self.assertAllClose(float(loaded.optimizer.learning_rate), 0.05)
+        self.assertEqual(int(loaded.optimizer.iterations), int(model.optimizer.iterations))
+        # The momentum slots came back, not freshly zeroed ones.
+        saved = [v.numpy() for v in model.optimizer.variables if "momentum" in v.path]
+        restored = [v.numpy() for v in loaded.optimizer.variables if "momentum" in v.path]
+        self.assertLen(restored, len(saved))
+        self.assertGreater(max(float(np.abs(v).max()) for v in restored), 0.0)
+        for a, b in zip(saved, restored):
+            self.assertAllClose(a, b)
+        history = loaded.fit(self._dataset(), epochs=1, verbose=0).history
+        self.assertIn("accuracy", history)
+        self.assertEqual(int(loaded.optimizer.iterations), 2 * int(model.optimizer.iterations))
+
     def test_keras_applications_backbone(self):
         backbone = keras.applications.MobileNetV2(
             input_shape=(32, 32, 3), weights=None, classes=3, classifier_activation=None, alpha=0.35
@@ -333,32 +356,8 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
             )
 
 
-def _configure_logical_cpus(count):
-    """Splits the physical CPU into `count` logical devices (all TF state is reset)."""
-    keras.backend.clear_session()
-    context._reset_context()  # pylint: disable=protected-access
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
-    )
-    # The global tf.random.Generator (keras-cv layers draw from it) would keep a
-    # variable of the reset context, failing every later test that uses it.
-    tf.random.set_global_generator(tf.random.Generator.from_non_deterministic_state())
-
-
-class SplitStepUnderStrategyTest(tf.test.TestCase):
+class SplitStepUnderStrategyTest(testing_devices.TwoReplicaTestCase):
     """views=3 (two tapes) on two replicas against the same global batch on one device."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        _configure_logical_cpus(2)
-        cls.strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-    @classmethod
-    def tearDownClass(cls):
-        _configure_logical_cpus(1)
-        super().tearDownClass()
 
     def _one_step(self, strategy):
         images = _random_images(0)

@@ -9,13 +9,11 @@ too and restarts both, which must resume from the chief's epoch-1 checkpoint.
 """
 
 import argparse
-import contextlib
 import csv
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +26,10 @@ import tensorflow as tf
 
 import cgc_tf
 from cgc_tf import custom_loop
-from tests import distribute_test
+from tests import testing_devices
 from tests import testing_models
+from tests import testing_processes
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM_WORKERS = 2
 _IMAGE_SIZE = 16
 _NUM_CLASSES = 10
@@ -42,15 +40,6 @@ _CRASH_EPOCH, _CRASH_STEP = 1, 1
 # Upper bound on one two-worker run (imports, cluster start-up, two tiny epochs) on
 # a loaded 2-core machine; a hung collective fails the test instead of the CI.
 _RUN_TIMEOUT_SECONDS = 240
-
-
-def _free_ports(count):
-    """Ports the OS reports free now (bound to port 0, then released)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("localhost", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _read_csv(path):
@@ -70,7 +59,7 @@ def _loop_dataset_fn(images, labels, global_batch):
     return dataset_fn
 
 
-class CustomLoopTest(distribute_test.TwoReplicaTestCase):
+class CustomLoopTest(testing_devices.TwoReplicaTestCase):
     """The loop on two logical CPUs (MirroredStrategy): same steps as fit, exact resume."""
 
     images = np.random.default_rng(0).uniform(size=(8, 16, 16, 3)).astype(np.float32)
@@ -200,23 +189,14 @@ class MultiWorkerTest(tf.test.TestCase):
         super().tearDownClass()
 
     def _launch(self, model_dir, crash):
-        ports = _free_ports(_NUM_WORKERS)
+        ports = testing_processes.free_ports(_NUM_WORKERS)
         processes = []
         for index in range(_NUM_WORKERS):
-            environment = dict(os.environ)
-            environment.update(
-                TF_CONFIG=json.dumps(
-                    {
-                        "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                        "task": {"type": "worker", "index": index},
-                    }
-                ),
-                PYTHONPATH=os.pathsep.join([_REPO, environment.get("PYTHONPATH", "")]),
+            environment = testing_processes.worker_environment(
+                ports,
+                index,
                 # Non-chief checkpoints go to tempfile directories: keep them here.
                 TMPDIR=os.path.join(model_dir, f"tmp_{index}"),
-                KERAS_BACKEND="tensorflow",
-                TF_CPP_MIN_LOG_LEVEL="2",
-                CUDA_VISIBLE_DEVICES="",
             )
             os.makedirs(environment["TMPDIR"], exist_ok=True)
             arguments = [

@@ -15,9 +15,9 @@ import tensorflow as tf
 
 from cgc_tf import config as config_lib
 from cgc_tf import data
+from tests import testing_processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "train", "configs")
+CONFIGS = os.path.join(testing_processes.REPO, "train", "configs")
 IMAGE_SIZE = 32
 TIMEOUT_SECONDS = 240
 
@@ -33,14 +33,6 @@ for path in sys.argv[1:]:
 result["flag_names"] = sorted(holder.name for holder in main._HOLDERS)
 print(json.dumps(result))
 """
-
-
-def _environment():
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [REPO] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    return environment
 
 
 def _read_epochs(model_dir):
@@ -76,7 +68,11 @@ class TrainBinaryTest(tf.test.TestCase):
 
     def run_binary(self, arguments):
         return subprocess.run(
-            arguments, cwd=REPO, env=_environment(), capture_output=True, text=True,
+            arguments,
+            cwd=testing_processes.REPO,
+            env=testing_processes.subprocess_environment(),
+            capture_output=True,
+            text=True,
             timeout=TIMEOUT_SECONDS,
         )
 
@@ -86,7 +82,11 @@ class TrainBinaryTest(tf.test.TestCase):
         stderr_path = os.path.join(log_dir, f"{name}.err")
         stderr = open(stderr_path, "w")
         process = subprocess.Popen(
-            arguments, cwd=REPO, env=_environment(), stdout=stdout, stderr=stderr
+            arguments,
+            cwd=testing_processes.REPO,
+            env=testing_processes.subprocess_environment(),
+            stdout=stdout,
+            stderr=stderr,
         )
         self.addCleanup(stdout.close)
         self.addCleanup(stderr.close)
@@ -141,7 +141,8 @@ class TrainBinaryTest(tf.test.TestCase):
              imagenet.transform_min_area),
             ("resnet50", 0.1, 0.9, 1e-4, 256, "step", 30, 90, 0.5, 0.5, 3, 0.08),
         )
-        self.assertEqual(configs["cluttered_digits_limited.cfg"].examples_per_class, 10)
+        self.assertEqual(configs["cluttered_digits_limited.cfg"].examples_per_class, 30)
+        self.assertEqual(configs["cluttered_digits_semi.cfg"].examples_per_class, 30)
         self.assertEqual(configs["cluttered_digits_semi.cfg"].unlabeled, "cluttered_digits")
         for name in ("cub200.cfg", "fgvc_aircraft.cfg", "stanford_cars.cfg", "vgg_flowers.cfg"):
             self.assertEqual(configs[name].arch, "resnet50", name)

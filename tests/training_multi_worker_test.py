@@ -25,8 +25,8 @@ from cgc_tf import config as config_lib
 from cgc_tf import custom_loop
 from cgc_tf import training
 from tests import multi_worker_test
+from tests import testing_processes
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _IMAGE_SIZE = 16
 _STEPS_PER_EPOCH = 2
 _RESULT_PREFIX = "worker result: "
@@ -59,7 +59,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
 
     def _launch(self, epochs, name):
         """Runs both workers to the end (each must exit 0); returns their outputs [0, 1]."""
-        ports = multi_worker_test._free_ports(2)
+        ports = testing_processes.free_ports(2)
         flags = _binary_flags(self.model_dir, self.data_dir, epochs)
         commands = [
             [sys.executable, "-m", "train.main", *flags],
@@ -67,20 +67,11 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         ]
         processes, logs = [], []
         for index, command in enumerate(commands):
-            environment = dict(os.environ)
-            environment.update(
-                TF_CONFIG=json.dumps(
-                    {
-                        "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                        "task": {"type": "worker", "index": index},
-                    }
-                ),
-                PYTHONPATH=os.pathsep.join([_REPO, environment.get("PYTHONPATH", "")]),
+            environment = testing_processes.worker_environment(
+                ports,
+                index,
                 # Worker 1's temporary checkpoints: outside model_dir, inspected below.
                 TMPDIR=self._tmp_dir(index),
-                KERAS_BACKEND="tensorflow",
-                TF_CPP_MIN_LOG_LEVEL="2",
-                CUDA_VISIBLE_DEVICES="",
             )
             os.makedirs(environment["TMPDIR"], exist_ok=True)
             log_path = os.path.join(self.root, f"{name}_worker_{index}.log")
@@ -89,7 +80,11 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
             logs.append(log_path)
             processes.append(
                 subprocess.Popen(
-                    command, cwd=_REPO, env=environment, stdout=log, stderr=subprocess.STDOUT
+                    command,
+                    cwd=testing_processes.REPO,
+                    env=environment,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
         for process in processes:
