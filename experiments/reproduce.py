@@ -111,14 +111,8 @@ def main(argv):
     for regime in _REGIMES.value:
         for seed in seeds:
             results.append({"regime": regime, "method": runs_lib.UNTRAINED, "seed": seed,
-                         "metrics": floors[seed]})
-
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = runs_lib.markdown_table(runs_lib.summarize(results), _REGIMES.value, _METHODS.value)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+                            "metrics": floors[seed]})
+    print(runs_lib.write_results(output_dir, results, _REGIMES.value, _METHODS.value))
 
 
 def run():

@@ -193,3 +193,19 @@ def run_all(runs, jobs):
         elapsed = time.monotonic() - started
         print(f"[{done}/{total}] {model_dir} finished ({elapsed / 60:.1f} min so far)",
               flush=True)
+
+
+def write_results(output_dir, results, regimes, methods):
+    """Writes results.json (every run) and results.md (the table); returns the table.
+
+    Args:
+      output_dir: str, an existing directory.
+      results: list of dicts {"regime", "method", "seed", "metrics"}.
+      regimes, methods: the table's row order (see `markdown_table`).
+    """
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown_table(summarize(results), regimes, methods)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return table

@@ -20,7 +20,6 @@ row per point) into --output_dir; resumable like runs.py.
   python experiments/tune.py --regime=semi --points=plain,cgc,lambda1
 """
 
-import json
 import os
 import sys
 
@@ -90,12 +89,7 @@ def main(argv):
          "metrics": runs.read_metrics(model_dir)}
         for point, seed, model_dir in plan
     ]
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = runs.markdown_table(runs.summarize(results), [regime], _POINTS.value)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    print(runs.write_results(output_dir, results, [regime], _POINTS.value))
 
 
 def run():

@@ -64,6 +64,12 @@ class ReproduceTest(tf.test.TestCase):
         self.assertLen(lines, 3)  # header, rule, the one group that exists
         self.assertIn("| full | cgc | 3 | 92.0 ± 2.0 |", lines[2])
         self.assertIn("0.900 ± 0.100", lines[2])
+        output_dir = tempfile.mkdtemp()
+        self.assertEqual(runs.write_results(output_dir, results, ["full"], ["plain", "cgc"]), table)
+        with open(os.path.join(output_dir, "results.md")) as f:
+            self.assertEqual(f.read(), table + "\n")
+        with open(os.path.join(output_dir, "results.json")) as f:
+            self.assertEqual(json.load(f), results)
 
     def test_read_metrics_waits_for_a_finished_run(self):
         model_dir = tempfile.mkdtemp()
