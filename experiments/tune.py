@@ -1,20 +1,21 @@
 r"""Tunes CGC on held-out training digits, never on the test split (issue #4).
 
 Every run trains on `cluttered_digits_holdout` (6 of every 7 train digits) with
-a regime's flagfile (see runs.py) and reports on its validation split (the
+a regime's flagfile (see reproduce.py) and reports on its validation split (the
 7th digit), so choosing settings here leaves the test split untouched. One
-setting is changed at a time from the paper's (lambda 0.5, temperature 0.5) and
-the flagfile's (two views, crops of >= 50% of the image):
+setting is changed at a time from BASE: the paper's lambda 0.5 and temperature
+0.5, with the main job's two views and crops of >= 50% of the image (given
+explicitly, so the sweep does not move when a flagfile is retuned):
 
   plain           lambda_=0 (the baseline every point is compared with)
-  cgc             the flagfile's settings
+  cgc             BASE
   lambda*         the weight of the consistency loss
   temperature*    the InfoNCE temperature
   min_area*       the smallest crop of T (augmentation strength)
   views3          METHOD.md's three cross-entropy views
 
 Writes results.json and results.md (mean +- standard deviation over seeds, one
-row per point) into --output_dir; resumable like runs.py.
+row per point) into --output_dir; resumable like reproduce.py.
 
   python experiments/tune.py --regime=limited --jobs=2
   python experiments/tune.py --regime=semi --points=plain,cgc,lambda1
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import runs  # noqa: E402  (after the path insert)
 
+BASE = ["--lambda_=0.5", "--temperature=0.5", "--transform_min_area=0.5", "--views=2"]
 POINTS = {
     "plain": ["--lambda_=0"],
     "cgc": [],
@@ -56,9 +58,9 @@ _JOBS = flags.DEFINE_integer("jobs", 1, "Training runs at once.", lower_bound=1)
 
 
 def point_command(regime, point, seed, model_dir, extra=()):
-    """The cgc-train command of one tuning run: holdout data, the point's flags last."""
+    """The cgc-train command of one tuning run: holdout data, BASE, the point's flags last."""
     return runs.train_command(
-        regime, "cgc", seed, model_dir, list(extra) + POINTS[point], holdout=True
+        regime, "cgc", seed, model_dir, list(extra) + BASE + POINTS[point], holdout=True
     )
 
 

@@ -17,6 +17,10 @@ class TuneTest(tf.test.TestCase):
                 self.assertIn("--seed=1", command)
                 self.assertIn("--examples_per_class=30", command)
                 self.assertEqual(command[len(command) - len(flags):], flags)
+                # BASE comes before the point's flags (absl: the last value wins).
+                base_at = command.index(tune.BASE[0])
+                self.assertEqual(command[base_at:base_at + len(tune.BASE)], tune.BASE)
+                self.assertGreater(len(command) - len(flags), base_at)
                 if regime == "semi":
                     self.assertIn("--unlabeled=cluttered_digits_holdout", command)
 
@@ -26,9 +30,12 @@ class TuneTest(tf.test.TestCase):
         for point, flags in tune.POINTS.items():
             self.assertLessEqual(len(flags), 1, point)
         changed = [flags[0].split("=")[0] for flags in tune.POINTS.values() if flags]
-        self.assertEqual(
-            set(changed), {"--lambda_", "--temperature", "--transform_min_area", "--views"}
-        )
+        self.assertEqual(set(changed), {flag.split("=")[0] for flag in tune.BASE})
+        base = dict(flag.split("=") for flag in tune.BASE)
+        for point, flags in tune.POINTS.items():
+            for flag in flags:
+                name, value = flag.split("=")
+                self.assertNotEqual(float(base[name]), float(value), point)
 
 
 if __name__ == "__main__":
