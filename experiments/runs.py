@@ -147,9 +147,11 @@ def markdown_table(summary, regimes, methods):
                 if metric not in row:
                     cells.append("n/a")
                     continue
-                mean, std, _ = row[metric]
+                mean, std, count = row[metric]
                 digits = 1 if scale == 100.0 or metric == "content_heatmap_percent" else 3
-                cells.append(f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}")
+                cell = f"{mean * scale:.{digits}f}"
+                # One seed has no spread: no "± 0".
+                cells.append(cell if count == 1 else f"{cell} ± {std * scale:.{digits}f}")
             lines.append(f"| {regime} | {method} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

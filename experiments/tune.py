@@ -15,7 +15,8 @@ explicitly, so the sweep does not move when a flagfile is retuned):
   views3          METHOD.md's three cross-entropy views
 
 Writes results.json and results.md (mean +- standard deviation over seeds, one
-row per point) into --output_dir; resumable like reproduce.py.
+row per point, over every finished run in --output_dir, also of earlier calls
+with other --points or --seeds) into --output_dir; resumable like reproduce.py.
 
   python experiments/tune.py --regime=limited --jobs=2
   python experiments/tune.py --regime=semi --points=plain,cgc,lambda1
@@ -64,6 +65,26 @@ def point_command(regime, point, seed, model_dir, extra=()):
     )
 
 
+def finished_runs(output_dir, regime):
+    """Every finished run of any point and seed in output_dir/regime (earlier calls too).
+
+    Returns:
+      list of dicts {"regime", "method" (the point), "seed", "metrics"}, in POINTS
+      order, then by seed.
+    """
+    directory = os.path.join(output_dir, regime)
+    found = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        point, _, seed = name.rpartition("_seed")
+        if point in POINTS and seed.isdigit():
+            metrics = runs.read_metrics(os.path.join(directory, name))
+            if metrics is not None:
+                found.append({"regime": regime, "method": point, "seed": int(seed),
+                              "metrics": metrics})
+    order = list(POINTS)
+    return sorted(found, key=lambda run: (order.index(run["method"]), run["seed"]))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -86,12 +107,8 @@ def main(argv):
          for point, seed, model_dir in plan],
         _JOBS.value,
     )
-    results = [
-        {"regime": regime, "method": point, "seed": seed,
-         "metrics": runs.read_metrics(model_dir)}
-        for point, seed, model_dir in plan
-    ]
-    print(runs.write_results(output_dir, results, [regime], _POINTS.value))
+    results = finished_runs(output_dir, regime)
+    print(runs.write_results(output_dir, results, [regime], list(POINTS)))
 
 
 def run():

@@ -1,5 +1,9 @@
 """experiments/tune.py: tuning commands read the holdout data, never the test split."""
 
+import json
+import os
+import tempfile
+
 import tensorflow as tf
 
 from experiments import runs
@@ -36,6 +40,23 @@ class TuneTest(tf.test.TestCase):
             for flag in flags:
                 name, value = flag.split("=")
                 self.assertNotEqual(float(base[name]), float(value), point)
+
+    def test_finished_runs_collects_every_point_and_seed_in_the_directory(self):
+        output_dir = tempfile.mkdtemp()
+        metrics = {"accuracy": 0.5, "explanations": {"content_heatmap_percent": 60.0}}
+        for name in ("views3_seed1", "plain_seed0", "plain_seed1", "lambda1_seed0", "notes"):
+            os.makedirs(os.path.join(output_dir, "limited", name))
+        for name in ("views3_seed1", "plain_seed1", "plain_seed0"):  # lambda1: unfinished
+            with open(os.path.join(output_dir, "limited", name, "metrics.json"), "w") as f:
+                json.dump(metrics, f)
+        found = tune.finished_runs(output_dir, "limited")
+        self.assertEqual([(r["method"], r["seed"]) for r in found],
+                         [("plain", 0), ("plain", 1), ("views3", 1)])
+        self.assertEqual(found[0]["metrics"]["content_heatmap_percent"], 60.0)
+        self.assertEqual(tune.finished_runs(output_dir, "semi"), [])
+        table = runs.markdown_table(runs.summarize(found), ["limited"], list(tune.POINTS))
+        self.assertIn("| limited | views3 | 1 | 50.0 | 60.0 |", table)  # one seed: no "±"
+        self.assertIn("| limited | plain | 2 | 50.0 ± 0.0 | 60.0 ± 0.0 |", table)
 
 
 if __name__ == "__main__":
