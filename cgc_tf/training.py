@@ -14,6 +14,8 @@ Model directory (docs/architecture.md):
       log.csv                     one row per epoch (continued on resume)
       tensorboard/                scalars (train/, validation/) and heatmaps/
       metrics.json                final evaluation on the eval split
+      .lock                       held by the training process (run_lock): a second
+                                  process on the same model_dir stops with an error
 
 Two training paths drive the same `model.train_step`: Keras `fit` for every
 strategy but 'multi_worker', and `cgc_tf.custom_loop.train` for
@@ -27,6 +29,7 @@ nothing and rewrites the final files. `resume=False` deletes the previous
 checkpoints and log first.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +49,7 @@ from cgc_tf import custom_loop
 from cgc_tf import data
 from cgc_tf import distribute
 from cgc_tf import evaluation as evaluation_lib
+from cgc_tf import run_lock
 from cgc_tf.augment import PairedAugmentation
 from cgc_tf.model import CGCModel
 
@@ -484,7 +488,8 @@ def run_training(config, progress=True, callbacks=()):
       non-chief workers of strategy='multi_worker'.
 
     Raises:
-      ValueError: invalid configuration (ConfigurationError after model checks).
+      ValueError: invalid configuration (ConfigurationError after model checks);
+        run_lock.ModelDirInUseError when another process trains in model_dir.
       callbacks_lib.NonFiniteLossError: a loss became NaN/inf; the last good
         checkpoint is left intact.
       callbacks_lib.TrainingPreempted: SIGTERM; a checkpoint was saved (not
@@ -498,6 +503,13 @@ def run_training(config, progress=True, callbacks=()):
     multi_worker = config.strategy == "multi_worker"
     chief = distribute.is_chief(strategy)
     say = print if progress and chief else _silent
+    # Only the chief writes model_dir (the other multi-worker workers may share it).
+    with run_lock.hold(config.model_dir) if chief else contextlib.nullcontext():
+        return _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
+
+
+def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks):
+    """run_training once the chief holds the model_dir lock."""
     model_dir = config.model_dir
     if config.resume:
         _check_resumable(config, model_dir, say)

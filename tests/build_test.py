@@ -22,6 +22,7 @@ ALLOWED = {
     "visualize": set(),
     "backbones": set(),
     "augment": set(),
+    "run_lock": set(),
     "model": {"gradcam", "augment", "losses", "distribute"},
     "cluttered_digits": set(),
     "data": {"augment", "config", "cluttered_digits"},
@@ -32,6 +33,7 @@ ALLOWED = {
     "training": {
         "model", "data", "backbones", "metrics", "distribute", "config",
         "callbacks", "custom_loop", "evaluation", "visualize", "gradcam", "augment",
+        "run_lock",
     },
     "serving": {"gradcam", "model", "config", "data"},
     "export": {"model", "gradcam", "config", "serving"},
