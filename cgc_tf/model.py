@@ -9,8 +9,9 @@ One training step follows ../shared/METHOD.md:
 Batches accepted by `fit`:
   * `(x, y)` or `(x, y, sample_weight)`: labelled; CE + consistency.
   * `x` alone: unlabelled; consistency only (its target is its own prediction).
-  * `((x_l, y_l), x_u)`: semi-supervised; CE on the labelled classification
-    view + lambda_ * consistency on the unlabelled batch.
+  * `((x_l, y_l), x_u)`: semi-supervised; CE on the labelled batch (its
+    classification view x_xe with views=3, a T(x_l) with views=2) + lambda_ *
+    consistency on the unlabelled batch.
 `x` is float32 [B, H, W, 3] in [0, 1] (the deterministic view x_orig), or a dict
 {"image": x_orig, "classification_view": x_xe} when the input pipeline made the
 classification view. When it did not, x_xe is made on the device by a random
@@ -291,9 +292,16 @@ class CGCModel(keras.Model):
         if unlabelled_x is None:
             logits_xe = self.backbone(self._classification_view(x_orig, x_xe), training=True)
             return self._cross_entropy(y, logits_xe, sample_weight), None
-        # The labelled half trains on the classification view (views 2 and 3: the
-        # unlabelled half gives the consistency views); evaluation reads x_orig.
-        x_labelled = self._classification_view(x_orig, x_xe) if training else x_orig
+        # The labelled half has no consistency forward passes. It trains on the
+        # classification view x_xe with views=3, and with views=2 (whose CE views
+        # are x_orig and T(x_orig), not x_xe) on a T(x_orig) of its own.
+        # Evaluation reads x_orig.
+        if not training:
+            x_labelled = x_orig
+        elif self.views == 3:
+            x_labelled = self._classification_view(x_orig, x_xe)
+        else:
+            x_labelled = self.augmentation(x_orig, training=True)
         logits = self.backbone(x_labelled, training=training)
         return self._cross_entropy(y, logits, sample_weight), logits
 

@@ -353,8 +353,7 @@ def _train_dataset(config, batch_size, completed_epochs, counter):
         data_dir=config.data_dir,
         examples_per_class=config.examples_per_class,
         seed=seed,
-        # views=3 and the labelled half of semi-supervised batches train on it.
-        classification_view=config.views == 3 or config.unlabeled is not None,
+        classification_view=config.views == 3,
         drop_remainder=True,
         **corrupt,
     )

@@ -89,12 +89,16 @@ class CGCModelTest(tf.test.TestCase):
         self.assertGreater(history["ce_loss"][0], 0.0)
         self.assertGreater(history["cgc_loss"][0], 0.0)
 
-    def test_semi_supervised_labelled_ce_reads_the_classification_view(self):
+    def test_semi_supervised_labelled_ce_views(self):
+        """views=3: the classification view; views=2: T(x_l); evaluation: x_l."""
         images = tf.constant(self.images[:8])
         x_xe = tf.constant(self.images[8:16])
         labels = tf.constant(self.labels[:8])
-        for views in (2, 3):
-            model = _model(views=views)
+        flip_only = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        for views, trained_on in ((3, x_xe), (2, images[:, :, ::-1])):
+            model = _model(views=views, augmentation=flip_only)
             model.compile(optimizer="sgd")
             labelled = ({"image": images, "classification_view": x_xe}, labels)
             batch = (labelled, tf.constant(self.images[16:24]))
@@ -105,9 +109,9 @@ class CGCModelTest(tf.test.TestCase):
 
             trained, _ = model._classification_part(batch, training=True)
             evaluated, _ = model._classification_part(batch, training=False)
-            self.assertAllClose(float(trained), ce(x_xe), atol=1e-5, msg=f"views={views}")
+            self.assertAllClose(float(trained), ce(trained_on), atol=1e-5, msg=f"views={views}")
             self.assertAllClose(float(evaluated), ce(images), atol=1e-5, msg=f"views={views}")
-            self.assertNotAllClose(ce(x_xe), ce(images))
+            self.assertNotAllClose(ce(trained_on), ce(images))
 
     def test_lambda_zero_is_plain_baseline(self):
         """lambda_=0 steps exactly as consistency="none" but still reports cgc_loss."""
