@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from cgc_tf import config as config_lib
 from cgc_tf import custom_loop
+from cgc_tf import run_lock
 from cgc_tf import training
 from tests import multi_worker_test
 from tests import testing_processes
@@ -140,7 +141,8 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
 
         self.assertCountEqual(
             os.listdir(self.model_dir),
-            ["config.json", "model.keras", "metrics.json", "log.csv", "checkpoints", "tensorboard"],
+            ["config.json", "model.keras", "metrics.json", "log.csv", "checkpoints", "tensorboard",
+             run_lock.LOCK_FILE],  # the chief's lock; the other worker takes none
         )
         self.assertEqual(self._epochs_logged(), [0, 1])
         checkpoint_dir = os.path.join(self.model_dir, training.MULTI_WORKER_DIR)
