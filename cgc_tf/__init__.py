@@ -27,6 +27,7 @@ from cgc_tf import backbones  # noqa: E402
 from cgc_tf import distribute  # noqa: E402
 from cgc_tf import gradcam  # noqa: E402
 from cgc_tf import losses  # noqa: E402
+from cgc_tf import schedules  # noqa: E402
 from cgc_tf.augment import PairedAugmentation  # noqa: E402
 from cgc_tf.model import CGCModel  # noqa: E402
 
@@ -38,5 +39,6 @@ __all__ = [
     "distribute",
     "gradcam",
     "losses",
+    "schedules",
     "__version__",
 ]

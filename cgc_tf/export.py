@@ -26,7 +26,8 @@ half-written or unverified version.
 
 Tolerance: probabilities are compared in absolute terms; heatmaps, whose scale
 is arbitrary (it follows the logits' scale), relative to the largest reference
-heatmap value of the batch (absolute below 1e-6). The reference is
+heatmap value of the batch (absolute below 1e-6), with max(tolerance,
+HEATMAP_TOLERANCE) (float32 cancellation, see there). The reference is
 `CGCModel.explain`, the GradientTape Grad-CAM, also when the export uses the
 closed form. A class_id may differ from the reference only where the two
 largest reference probabilities are closer than the tolerance (a near tie);
@@ -56,6 +57,12 @@ DEFAULT_OPSET = 17
 # TensorFlow's from opset 13 on; the newest is what tf2onnx supports.
 MIN_OPSET = 13
 DEFAULT_TOLERANCE = 1e-4
+# Heatmaps are checked against max(tolerance, HEATMAP_TOLERANCE), relative to the
+# largest reference value: Grad-CAM sums channel maps weighted with both signs,
+# and where they cancel the exported kernels' float32 summation order moves the
+# result by ~1e-4 of the maximum (measured: 1.09e-4 on a main-job model, ONNX,
+# batch 1). A real fault (wrong layer, class or weights) differs by O(1).
+HEATMAP_TOLERANCE = 1e-3
 MODEL_FILENAME = "model.keras"
 CONFIG_FILENAME = "config.json"
 ONNX_FILENAME = "model.onnx"
@@ -484,7 +491,8 @@ def _export_and_verify(model, functions, metadata, staging, formats, opset, batc
         "tolerance": tolerance,
         "tolerance_semantics": (
             "probabilities: max absolute difference; heatmap: max absolute difference / "
-            f"max(largest reference heatmap value, {HEATMAP_SCALE_FLOOR}), over the rows whose "
+            f"max(largest reference heatmap value, {HEATMAP_SCALE_FLOOR}) <= max(tolerance, "
+            f"{HEATMAP_TOLERANCE}), over the rows whose "
             "class_id agrees; class_id may differ only on near ties (top-2 reference "
             "probabilities closer than the tolerance)"
         ),
@@ -622,10 +630,11 @@ def _compare(reference, outputs, tolerance, label):
             "reference_max": float(np.max(expected, initial=0.0)),
             "rows_compared": int(np.sum(rows)),
         }
-        if not difference / scale <= tolerance:
+        heatmap_tolerance = max(tolerance, HEATMAP_TOLERANCE)
+        if not difference / scale <= heatmap_tolerance:
             failures.append(
                 f"{label}/heatmap: max difference relative to the heatmap maximum "
-                f"{difference / scale:.3g} > {tolerance:g}"
+                f"{difference / scale:.3g} > {heatmap_tolerance:g}"
             )
     return stats, failures
 

@@ -18,6 +18,8 @@ classification view. When it did not, x_xe is made on the device by a random
 resized crop + flip of x_orig.
 """
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -140,7 +142,17 @@ class CGCModel(keras.Model):
         which would leave a loaded CGCModel without its optimizer and its slots.
         Same steps as `keras.Model.compile_from_config`, through our `compile`.
         """
-        config = keras.saving.deserialize_keras_object(config)
+        try:
+            config = keras.saving.deserialize_keras_object(config)
+        except (TypeError, ValueError) as error:
+            # E.g. an optimizer or schedule class this process does not know: the
+            # weights still load; only training needs the optimizer.
+            warnings.warn(
+                f"{self.name}: loaded without its optimizer ({error}); call compile() "
+                "before training it further",
+                stacklevel=2,
+            )
+            return
         config.pop("loss", None)  # Always None: the CGC objective is built in.
         self.compile(**config)
         if getattr(self, "optimizer", None) is not None and self.built:

@@ -23,6 +23,7 @@ ALLOWED = {
     "backbones": set(),
     "augment": set(),
     "run_lock": set(),
+    "schedules": set(),
     "model": {"gradcam", "augment", "losses", "distribute"},
     "cluttered_digits": set(),
     "data": {"augment", "config", "cluttered_digits"},
@@ -33,7 +34,7 @@ ALLOWED = {
     "training": {
         "model", "data", "backbones", "metrics", "distribute", "config",
         "callbacks", "custom_loop", "evaluation", "visualize", "gradcam", "augment",
-        "run_lock",
+        "run_lock", "schedules",
     },
     "serving": {"gradcam", "model", "config", "data"},
     "export": {"model", "gradcam", "config", "serving"},

@@ -1,6 +1,8 @@
 """CGCModel: fit, batch structures, baselines, explain, serialisation, the two-tape step."""
 
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -13,6 +15,7 @@ import cgc_tf
 from cgc_tf import gradcam
 from tests import testing_devices
 from tests import testing_models
+from tests import testing_processes
 
 
 def _blob_dataset(num_examples=48, image_size=16, num_classes=3, seed=0):
@@ -200,6 +203,40 @@ class CGCModelTest(tf.test.TestCase):
         history = loaded.fit(self._dataset(), epochs=1, verbose=0).history
         self.assertIn("accuracy", history)
         self.assertEqual(int(loaded.optimizer.iterations), 2 * int(model.optimizer.iterations))
+
+    def test_a_fresh_process_loads_a_cgc_train_model_with_its_optimizer(self):
+        # cgc-train's optimizer has a LinearWarmup schedule; cgc-evaluate and
+        # cgc-export load model.keras without importing cgc_tf.training.
+        model = _model(views=2)
+        schedule = cgc_tf.schedules.LinearWarmup(
+            keras.optimizers.schedules.CosineDecay(0.05, 100), warmup_steps=3
+        )
+        model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9))
+        model.fit(self._dataset(), epochs=1, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "model.keras")
+        model.save(path)
+        script = (
+            "import sys, warnings, keras, cgc_tf\n"
+            "warnings.simplefilter('error')\n"
+            "model = keras.models.load_model(sys.argv[1])\n"
+            "print(type(model.optimizer._learning_rate).__name__, int(model.optimizer.iterations))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, path], capture_output=True, text=True,
+            cwd=testing_processes.REPO, env=testing_processes.subprocess_environment(),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertEqual(result.stdout.split()[-2:], ["LinearWarmup", str(len(self.images) // 8)])
+
+    def test_unknown_optimizer_class_loads_without_optimizer(self):
+        model = _model(views=2)
+        with self.assertWarnsRegex(UserWarning, "loaded without its optimizer"):
+            model.compile_from_config(
+                {"optimizer": {"module": "nowhere", "class_name": "Missing", "config": {},
+                               "registered_name": "nowhere>Missing"}}
+            )
+        self.assertFalse(model.compiled)
+        self.assertAllEqual(model.predict(self.images[:2], verbose=0).shape, (2, 3))
 
     def test_keras_applications_backbone(self):
         backbone = keras.applications.MobileNetV2(
