@@ -31,6 +31,8 @@ EMBEDDED_DATASET = "cluttered_digits"
 # The embedded dataset's holdout config: its train digits split into train and
 # validation (every 7th digit), for tuning without the test split.
 HOLDOUT_DATASET = EMBEDDED_DATASET + "_holdout"
+# Names the embedded builder serves (prepared offline, no data_dir needed).
+EMBEDDED_DATASETS = (EMBEDDED_DATASET, HOLDOUT_DATASET)
 FOLDER_PREFIX = "folder:"
 # Smallest image side per architecture: the feature map of the target layer
 # must keep at least 1x1 after the backbone's downsampling (4x small_resnet,
@@ -140,7 +142,7 @@ class TrainConfig:
     @property
     def uses_embedded_dataset(self):
         """True when `dataset` is the embedded `cluttered_digits` (or its holdout config)."""
-        return self.dataset in (EMBEDDED_DATASET, HOLDOUT_DATASET)
+        return self.dataset in EMBEDDED_DATASETS
 
 
 def _is_int(value):
@@ -267,7 +269,7 @@ def _dataset_errors(name, data_dir, field):
         if not os.path.isdir(root):
             return [f"{field}={name!r}: image folder {root!r} does not exist"]
         return []
-    if name in (EMBEDDED_DATASET, HOLDOUT_DATASET):
+    if name in EMBEDDED_DATASETS:
         return []
     # Any other name is a tensorflow-datasets dataset, which must already be
     # prepared locally: nothing is downloaded.
@@ -286,7 +288,7 @@ def _data_errors(config):
         errors += _dataset_errors(config.unlabeled, config.data_dir, "unlabeled")
     needs_existing_dir = any(
         isinstance(name, str)
-        and name not in (EMBEDDED_DATASET, HOLDOUT_DATASET)
+        and name not in EMBEDDED_DATASETS
         and not name.startswith(FOLDER_PREFIX)
         for name in (config.dataset, config.unlabeled)
         if name is not None

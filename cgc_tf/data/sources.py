@@ -537,7 +537,7 @@ def resolve(dataset, data_dir=None, image_size=48):
             f"dataset={dataset!r} must be {config.EMBEDDED_DATASET!r}, a tensorflow-datasets "
             f"name or '{config.FOLDER_PREFIX}/path/to/root'"
         )
-    if dataset in (config.EMBEDDED_DATASET, config.HOLDOUT_DATASET):
+    if dataset in config.EMBEDDED_DATASETS:
         builder = cluttered_digits.builder(
             data_dir=data_dir,
             image_size=image_size,
