@@ -26,7 +26,10 @@ setup(
         "cgc_tf_export": "export",
         "cgc_tf_evaluate": "evaluate",
     },
-    package_data={"cgc_tf": ["data/cluttered_digits/*.md"], "cgc_tf_train": ["configs/*.cfg"]},
+    package_data={
+        "cgc_tf": ["data/cluttered_digits/*.md", "data/elpv/*.md"],
+        "cgc_tf_train": ["configs/*.cfg"],
+    },
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.3,<3.16",
@@ -45,6 +48,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        # The elpv solar-cell images (about 90 MB; data licence CC BY-NC-SA 4.0,
+        # so never a core dependency): --dataset=elpv needs it.
+        "elpv": ["elpv-dataset>=1.0,<2"],
     },
     entry_points={
         "console_scripts": [

@@ -31,8 +31,13 @@ EMBEDDED_DATASET = "cluttered_digits"
 # The embedded dataset's holdout config: its train digits split into train and
 # validation (every 7th digit), for tuning without the test split.
 HOLDOUT_DATASET = EMBEDDED_DATASET + "_holdout"
-# Names the embedded builder serves (prepared offline, no data_dir needed).
-EMBEDDED_DATASETS = (EMBEDDED_DATASET, HOLDOUT_DATASET)
+# The elpv solar cells (optional extra `elpv`, cgc_tf/data/elpv): all cells or one
+# cell type, each with its holdout config (train split into train and validation).
+ELPV_DATASETS = (
+    "elpv", "elpv_holdout", "elpv_mono", "elpv_mono_holdout", "elpv_poly", "elpv_poly_holdout",
+)
+# Names prepared offline by a builder of cgc_tf.data (no data_dir needed).
+EMBEDDED_DATASETS = (EMBEDDED_DATASET, HOLDOUT_DATASET) + ELPV_DATASETS
 FOLDER_PREFIX = "folder:"
 # Smallest image side per architecture: the feature map of the target layer
 # must keep at least 1x1 after the backbone's downsampling (4x small_resnet,
@@ -141,7 +146,7 @@ class TrainConfig:
 
     @property
     def uses_embedded_dataset(self):
-        """True when `dataset` is the embedded `cluttered_digits` (or its holdout config)."""
+        """True when `dataset` is prepared offline (`cluttered_digits`, `elpv`, their variants)."""
         return self.dataset in EMBEDDED_DATASETS
 
 

@@ -26,7 +26,8 @@ ALLOWED = {
     "schedules": set(),
     "model": {"gradcam", "augment", "losses", "distribute"},
     "cluttered_digits": set(),
-    "data": {"augment", "config", "cluttered_digits"},
+    "elpv": set(),
+    "data": {"augment", "config", "cluttered_digits", "elpv"},
     "metrics": {"gradcam", "augment"},
     "evaluation": {"metrics", "gradcam", "augment", "visualize", "model", "data"},
     "callbacks": {"visualize", "gradcam", "model"},
@@ -41,10 +42,15 @@ ALLOWED = {
 }
 
 
+# Dataset builders in their own cgc_tf/data/<name>/ packages, one py_library each.
+_DATASET_BUILDERS = ("cluttered_digits", "elpv")
+_DATASET_PACKAGES = tuple(f"cgc_tf.data.{name}" for name in _DATASET_BUILDERS)
+
+
 def _library_target(module_path):
     """The py_library of a file: cgc_tf/model.py -> "model", cgc_tf/__init__.py ->
     "cgc_tf", cgc_tf/data/pipeline.py -> "data", cgc_tf/data/cluttered_digits/* ->
-    "cluttered_digits"."""
+    "cluttered_digits" (likewise every builder package under cgc_tf/data/)."""
     parts = module_path.relative_to(ROOT / "cgc_tf").with_suffix("").parts
     if parts == ("__init__",):
         return "cgc_tf"
@@ -61,11 +67,11 @@ def _cgc_imports(path):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "cgc_tf":
                 found.update(alias.name for alias in node.names)
-            elif node.module.startswith("cgc_tf.data.cluttered_digits"):
-                found.add("cluttered_digits")
+            elif node.module.startswith(_DATASET_PACKAGES):
+                found.add(node.module.split(".")[2])
             elif node.module == "cgc_tf.data":
                 found.update(
-                    "cluttered_digits" if alias.name == "cluttered_digits" else "data"
+                    alias.name if alias.name in _DATASET_BUILDERS else "data"
                     for alias in node.names
                 )
             elif node.module.startswith("cgc_tf."):

@@ -1,7 +1,8 @@
 """Input pipelines of `cgc_tf`: tfds by name, image folders, views, subsets.
 
 Datasets (`dataset` argument): "cluttered_digits" (embedded, built offline on
-first use), any tensorflow-datasets name prepared in `data_dir` (never
+first use), "elpv" / "elpv_mono" / "elpv_poly" (solar cells from the optional
+package elpv-dataset, built offline on first use), any tensorflow-datasets name prepared in `data_dir` (never
 downloaded), or "folder:/root" (root/train/<class>/*, root/val|test/<class>/*).
 
 Public API:
@@ -14,12 +15,13 @@ Public API:
 
 Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
 file policy), `views` (METHOD.md views), `pipeline` (the builders). Importing
-this package registers the `cluttered_digits` tfds builder
-(`cgc_tf.data.cluttered_digits`).
+this package registers the `cluttered_digits` and `elpv` tfds builders
+(`cgc_tf.data.cluttered_digits`, `cgc_tf.data.elpv`).
 """
 
 from cgc_tf.data import cluttered_digits
 from cgc_tf.data import decode
+from cgc_tf.data import elpv
 from cgc_tf.data import pipeline
 from cgc_tf.data import sources
 from cgc_tf.data import views
@@ -37,6 +39,7 @@ __all__ = [
     "cluttered_digits",
     "dataset_info",
     "decode",
+    "elpv",
     "eval_dataset",
     "pipeline",
     "semi_supervised_dataset",

@@ -6,6 +6,9 @@
 - `cluttered_digits_holdout`: its holdout config, for tuning without the test
   split: splits `train` (6 of every 7 train digits), `validation` (the 7th) and
   `test`; training validates and reports on `validation`.
+- `elpv`, `elpv_mono`, `elpv_poly` (+ `_holdout`): the solar-cell builder
+  (`cgc_tf/data/elpv`), prepared offline from the optional package elpv-dataset;
+  without it, a one-line error says how to install it.
 - any tensorflow-datasets name, already prepared in `data_dir`. Nothing is ever
   downloaded: an unprepared dataset raises a `ValueError` saying where it was
   looked for and how to prepare it (including manual-download instructions).
@@ -44,6 +47,7 @@ import tensorflow_datasets as tfds
 from cgc_tf import config
 from cgc_tf.data import cluttered_digits
 from cgc_tf.data import decode
+from cgc_tf.data import elpv
 
 # Preferred evaluation splits, in order.
 _EVAL_SPLITS = ("validation", "val", "test")
@@ -537,6 +541,8 @@ def resolve(dataset, data_dir=None, image_size=48):
             f"dataset={dataset!r} must be {config.EMBEDDED_DATASET!r}, a tensorflow-datasets "
             f"name or '{config.FOLDER_PREFIX}/path/to/root'"
         )
+    if dataset in config.ELPV_DATASETS:
+        return TfdsSource(elpv.builder(data_dir=data_dir, name=dataset), dataset)
     if dataset in config.EMBEDDED_DATASETS:
         builder = cluttered_digits.builder(
             data_dir=data_dir,
