@@ -228,7 +228,7 @@ def _field_errors(config):
     )
     check(
         _is_number(config.lambda_) and config.lambda_ >= 0,
-        f"lambda_={config.lambda_!r} must be >= 0 (0 = plain baseline)",
+        f"lambda_={config.lambda_!r} must be >= 0 (0 = the lambda=0 ablation)",
     )
     check(
         _is_number(config.temperature) and config.temperature > 0,
@@ -249,6 +249,11 @@ def _field_errors(config):
         )
     if config.tpu is not None and config.strategy != "tpu":
         errors.append(f"tpu={config.tpu!r} is only used with strategy='tpu', got {config.strategy!r}")
+    if config.consistency == "none" and config.unlabeled is not None:
+        errors.append(
+            f"unlabeled={config.unlabeled!r} needs a consistency loss; consistency='none' (the "
+            "plain baseline) trains on labelled images only"
+        )
     if config.unlabeled_split is not None and config.unlabeled is None:
         errors.append(
             f"unlabeled_split={config.unlabeled_split!r} needs unlabeled=<dataset name>"

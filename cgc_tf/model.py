@@ -5,6 +5,12 @@ One training step follows ../shared/METHOD.md:
   x_aug = T(x_orig); Grad-CAM of x_orig and x_aug for c = argmax z(x_orig);
   upsample, sum-normalise, warp cam(x_orig) by T, flatten, L2-normalise;
   loss = CE(x_xe) + CE(x_orig) + CE(x_aug) + lambda_ * L_consistency.
+`consistency` picks L_consistency: "contrastive" (CGC, InfoNCE) or "mse" (the GC
+baseline). `consistency="none"` is the plain baseline of the reference's
+`baseline_train_eval.py` instead: one view, one cross-entropy, one forward pass,
+no Grad-CAM (its view: x_xe with views=3, T(x_orig) with views=2).
+`lambda_=0` with "contrastive" or "mse" is the lambda=0 ablation: the multi-view
+step, its consistency loss reported without gradient.
 
 Batches accepted by `fit`:
   * `(x, y)` or `(x, y, sample_weight)`: labelled; CE + consistency.
@@ -61,11 +67,13 @@ class CGCModel(keras.Model):
             logits [B, K] (no softmax).
           target_layer: Grad-CAM layer name (4-D output); None picks the last 4-D
             layer of the backbone.
-          lambda_: weight of the consistency loss (0 = plain baseline; the
-            consistency loss is still computed and reported, without gradient).
+          lambda_: weight of the consistency loss (0 = the lambda=0 ablation: the
+            multi-view step; the consistency loss is still computed and reported,
+            without gradient).
           temperature: InfoNCE temperature, > 0.
-          consistency: "contrastive" (CGC), "mse" (GC baseline) or "none" (same as
-            lambda_=0).
+          consistency: "contrastive" (CGC), "mse" (GC baseline) or "none" (the
+            plain baseline: one view, one cross-entropy, no Grad-CAM in the step;
+            lambda_ and temperature are unused; labelled batches only).
           views: 3 = METHOD.md (CE on x_xe, x_orig, x_aug); 2 = the faster variant
             without x_xe (CE on x_orig and x_aug).
           augmentation: `cgc_tf.augment.PairedAugmentation` for T; None = the
@@ -103,16 +111,22 @@ class CGCModel(keras.Model):
         self.extractor = gradcam_lib.feature_model(backbone, self.target_layer)
         self.image_size = tuple(backbone.inputs[0].shape[1:3])
         self.ce_loss_tracker = keras.metrics.Mean(name="ce_loss")
-        self.cgc_loss_tracker = keras.metrics.Mean(name="cgc_loss")
+        # The plain baseline has no consistency loss to report.
+        self.cgc_loss_tracker = None if self.is_plain else keras.metrics.Mean(name="cgc_loss")
         # The backbone is built, so this model is too. Without this, Keras builds
         # it symbolically under a strategy by calling it on the first batch's
         # structure, which fails for semi-supervised ((x_l, y_l), x_u) batches.
         self.built = True
 
     @property
+    def is_plain(self):
+        """True for the plain baseline (consistency="none"): one view, one cross-entropy."""
+        return self.consistency == "none"
+
+    @property
     def trains_consistency(self):
         """True when the consistency loss contributes gradients."""
-        return self.lambda_ > 0 and self.consistency != "none"
+        return self.lambda_ > 0 and not self.is_plain
 
     def call(self, inputs, training=False):
         """Logits float32 [B, K] of images (or of the dict's "image")."""
@@ -304,18 +318,23 @@ class CGCModel(keras.Model):
         if unlabelled_x is None:
             logits_xe = self.backbone(self._classification_view(x_orig, x_xe), training=True)
             return self._cross_entropy(y, logits_xe, sample_weight), None
-        # The labelled half has no consistency forward passes. It trains on the
-        # classification view x_xe with views=3, and with views=2 (whose CE views
-        # are x_orig and T(x_orig), not x_xe) on a T(x_orig) of its own.
-        # Evaluation reads x_orig.
-        if not training:
-            x_labelled = x_orig
-        elif self.views == 3:
-            x_labelled = self._classification_view(x_orig, x_xe)
-        else:
-            x_labelled = self.augmentation(x_orig, training=True)
-        logits = self.backbone(x_labelled, training=training)
+        # The labelled half has no consistency forward passes.
+        logits = self.backbone(self._labelled_view(labelled_x, training), training=training)
         return self._cross_entropy(y, logits, sample_weight), logits
+
+    def _labelled_view(self, labelled_x, training):
+        """The one view a labelled batch trains on without consistency forward passes.
+
+        The labelled half of a semi-supervised batch and the plain baseline: the
+        classification view x_xe with views=3, and with views=2 (whose CE views are
+        x_orig and T(x_orig), not x_xe) a T(x_orig) of its own. Evaluation reads x_orig.
+        """
+        x_orig, x_xe = self._split_views(labelled_x)
+        if not training:
+            return x_orig
+        if self.views == 3:
+            return self._classification_view(x_orig, x_xe)
+        return self.augmentation(x_orig, training=True)
 
     def _total_loss(self, ce, cgc, training):
         """ce + lambda_ * cgc (when the consistency trains) + the regularisation losses."""
@@ -349,9 +368,33 @@ class CGCModel(keras.Model):
 
     def train_step(self, data):
         """One optimizer step on a batch (replica code under tf.distribute)."""
-        gradients, (total, ce, cgc, y, logits) = self._gradients_and_terms(data)
+        if self.is_plain:
+            # The plain baseline: one view, one cross-entropy, one forward pass,
+            # as an ordinary Keras classifier steps.
+            x, y, sample_weight = self._plain_batch(data)
+            with tf.GradientTape() as tape:
+                logits = self.backbone(self._labelled_view(x, training=True), training=True)
+                ce = self._cross_entropy(y, logits, sample_weight)
+                total = self._total_loss(ce, None, training=True)
+                scaled = self.optimizer.scale_loss(distribute.scale_loss_for_replicas(total))
+            gradients = tape.gradient(scaled, self.trainable_variables)
+            cgc = None
+        else:
+            gradients, (total, ce, cgc, y, logits) = self._gradients_and_terms(data)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+
+    def _plain_batch(self, data):
+        """(x, y, sample_weight) of a labelled batch; the plain baseline has no other kind."""
+        x, y, sample_weight, unlabelled_x = self._unpack(data)
+        if unlabelled_x is not None:
+            raise ValueError(
+                "consistency='none' (the plain baseline) trains on labelled (x, y) batches "
+                "only, got an unlabelled or semi-supervised ((x_l, y_l), x_u) batch; its "
+                "unlabelled images would contribute nothing. Use consistency='contrastive' "
+                "or 'mse' to train on unlabelled images"
+            )
+        return x, y, sample_weight
 
     def _gradients_and_terms(self, data):
         """Gradients of the (scaled) training loss and the loss terms of one batch.
@@ -395,7 +438,16 @@ class CGCModel(keras.Model):
         return gradients, (total, ce, cgc, y, logits)
 
     def test_step(self, data):
-        """Evaluation: CE on the given view, consistency under a random T, metrics."""
+        """Evaluation: CE on the given view, consistency under a random T, metrics.
+
+        The plain baseline: CE on the given view only (one forward pass).
+        """
+        if self.is_plain:
+            x, y, sample_weight = self._plain_batch(data)
+            logits = self.backbone(self._labelled_view(x, training=False), training=False)
+            ce = self._cross_entropy(y, logits, sample_weight)
+            total = self._total_loss(ce, None, training=False)
+            return self._update_metrics(total, ce, None, y, logits, sample_weight)
         total, ce, cgc, y, logits = self._loss_terms(data, training=False)
         return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
 
@@ -403,39 +455,47 @@ class CGCModel(keras.Model):
         return self._unpack(data)[2]
 
     # --------------------------------------------------------------- explain
-    def explain(self, images, class_index=None):
+    def explain(self, images, class_index=None, method="gradient_x_activation"):
         """Predictions and Grad-CAM heatmaps at the input resolution.
+
+        The same computation as `cgc_tf.explain` (`gradcam.explain_batch`) on the
+        backbone and `target_layer`.
 
         Args:
           images: float32 [B, H, W, 3] in [0, 1].
-          class_index: optional int [B] class to explain per example; default the
-            predicted class.
+          class_index: optional int or int [B] class to explain per example;
+            default the predicted class.
+          method: one of `cgc_tf.gradcam.METHODS`; the default is the form CGC
+            trains (equal to "gradcam" and "closed_form" for pooling + dense heads).
 
         Returns:
           dict of tensors: "probabilities" float32 [B, K] (softmax of the logits),
-          "class_id" int32 [B] (argmax), "heatmap" float32 [B, H, W] (ReLU'd
-          gradient x activation, bilinearly upsampled, not normalised) for
-          `class_index` or the prediction.
+          "class_id" int32 [B] (argmax), "heatmap" float32 [B, H, W] (ReLU'd,
+          bilinearly upsampled, not normalised) for `class_index` or the prediction.
         """
         images = tf.convert_to_tensor(images, tf.float32)
         if class_index is None:
-            return self._explain_predicted(images)
-        return self._explain_class(images, tf.convert_to_tensor(class_index, tf.int32))
+            return self._explain_predicted(images, method)
+        return self._explain_class(images, tf.convert_to_tensor(class_index, tf.int32), method)
 
     @tf.function(reduce_retracing=True)
-    def _explain_predicted(self, images):
-        return self._explain(images, None)
+    def _explain_predicted(self, images, method):
+        return self._explain(images, None, method)
 
     @tf.function(reduce_retracing=True)
-    def _explain_class(self, images, class_index):
-        return self._explain(images, class_index)
+    def _explain_class(self, images, class_index, method):
+        return self._explain(images, class_index, method)
 
-    def _explain(self, images, class_index):
-        logits, cam, _ = gradcam_lib.gradcam(self.extractor, images, class_index, training=False)
+    def _explain(self, images, class_index, method):
+        dense = None
+        if method == "closed_form":
+            dense = gradcam_lib.pooling_dense_head(self.backbone, self.target_layer)
+        explained = gradcam_lib.explain_batch(self.extractor, images, class_index, method, dense)
+        logits = explained["logits"]
         return {
             "probabilities": tf.nn.softmax(logits),
             "class_id": tf.argmax(logits, axis=-1, output_type=tf.int32),
-            "heatmap": gradcam_lib.upsample(cam, tf.shape(images)[1:3]),
+            "heatmap": explained["heatmap"],
         }
 
     # ------------------------------------------------------------ serialise

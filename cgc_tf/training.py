@@ -370,7 +370,8 @@ def _final_metrics(model, config, info):
 
     Returns:
       dict of JSON-serialisable values: accuracy (top-1 on info.eval_split, in
-      [0, 1]), ce_loss and cgc_loss (under a random T) and the split name.
+      [0, 1]), ce_loss, cgc_loss (under a random T; not for the plain
+      baseline) and the split name.
     """
     # One pipeline serves both evaluations: with boxes it yields dicts, which
     # model.evaluate needs as (x, y).
@@ -390,8 +391,9 @@ def _final_metrics(model, config, info):
         "eval_split": info.eval_split,
         "accuracy": float(results["accuracy"]),
         "ce_loss": float(results["ce_loss"]),
-        "cgc_loss": float(results["cgc_loss"]),
     }
+    if "cgc_loss" in results:  # Not for the plain baseline (consistency="none").
+        metrics["cgc_loss"] = float(results["cgc_loss"])
     # Explanation metrics cost ~30 forward passes per image (insertion/deletion);
     # a run shortened by steps_per_epoch gets an evaluation shortened alike.
     max_images = None if config.steps_per_epoch is None else config.batch_size * config.steps_per_epoch

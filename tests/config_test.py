@@ -66,6 +66,11 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
         ("image_size_resnet", {"arch": "resnet50", "image_size": 16}, "image_size=16 must be"),
         ("tpu_without_tpu_strategy", {"tpu": "grpc://x"}, "tpu='grpc://x' is only used"),
         ("unlabeled_split_alone", {"unlabeled_split": "train"}, "needs unlabeled="),
+        (
+            "plain_with_unlabeled",
+            {"consistency": "none", "unlabeled": "cluttered_digits"},
+            "consistency='none' (the plain baseline) trains on labelled images only",
+        ),
         ("bool_flag", {"resume": "yes"}, "resume='yes' must be True or False"),
     )
     def test_invalid_value_is_named(self, changes, fragment):

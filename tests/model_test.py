@@ -116,14 +116,14 @@ class CGCModelTest(tf.test.TestCase):
             self.assertAllClose(float(evaluated), ce(images), atol=1e-5, msg=f"views={views}")
             self.assertNotAllClose(ce(trained_on), ce(images))
 
-    def test_lambda_zero_is_plain_baseline(self):
-        """lambda_=0 steps exactly as consistency="none" but still reports cgc_loss."""
+    def test_lambda_zero_ablation_steps_on_cross_entropy_only(self):
+        """lambda_=0 (the ablation): the multi-view step, cgc_loss reported without gradient."""
         deterministic = cgc_tf.PairedAugmentation(
             area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
         )
         weights = []
-        for kwargs in ({"lambda_": 0.0}, {"consistency": "none"}):
-            model = _model(views=2, augmentation=deterministic, **kwargs)
+        for consistency in ("contrastive", "mse"):
+            model = _model(views=2, augmentation=deterministic, lambda_=0.0, consistency=consistency)
             model.compile(optimizer=keras.optimizers.SGD(0.1))
             logs = model.train_on_batch(self.images[:8], self.labels[:8], return_dict=True)
             self.assertGreater(logs["cgc_loss"], 0.0)
@@ -268,6 +268,128 @@ class CGCModelTest(tf.test.TestCase):
             cgc_tf.CGCModel(softmax_backbone)
         with self.assertRaisesRegex(ValueError, "loss="):
             cgc_tf.CGCModel(backbone).compile(optimizer="sgd", loss="mse")
+
+
+# ------------------------------------------------ the plain baseline (consistency="none")
+
+
+class _CountingIdentity(keras.layers.Layer):
+    """Identity that counts its calls: one per forward pass through the backbone."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, inputs):
+        self.calls += 1
+        return inputs
+
+
+def _counting_backbone():
+    """tiny_convnet's layers behind a counting input layer; also the counter."""
+    keras.utils.set_random_seed(0)
+    counter = _CountingIdentity(name="count")
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(counter(inputs))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(x)
+    x = keras.layers.Activation("relu", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x)), counter
+
+
+class PlainBaselineTest(tf.test.TestCase, parameterized.TestCase):
+    """consistency="none" is the reference's baseline_train_eval.py: one view, one CE."""
+
+    def setUp(self):
+        super().setUp()
+        self.images = tf.constant(_random_images(0))
+        self.view = tf.constant(_random_images(1))
+        self.labels = tf.constant([0, 1, 2, 1])
+
+    def _keras_classifier_step(self, images):
+        """Weights and loss after one step of tiny_convnet compiled as a Keras classifier."""
+        classifier = testing_models.tiny_convnet(16, batch_norm=True)
+        classifier.compile(
+            optimizer=keras.optimizers.SGD(1.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        loss = classifier.train_on_batch(images, self.labels)
+        return [w.numpy() for w in classifier.weights], float(loss)
+
+    @parameterized.named_parameters(("views3", 3), ("views2", 2))
+    def test_step_equals_a_keras_classifier_step_on_the_same_view(self, views):
+        # views=3 trains on the pipeline's classification view; views=2 on T(x_orig),
+        # here a flip of the whole image.
+        flip = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        model = cgc_tf.CGCModel(
+            testing_models.tiny_convnet(16, batch_norm=True), target_layer="features",
+            consistency="none", views=views, augmentation=flip,
+        )
+        # SGD(1.0) without momentum: each weight moves by exactly minus its gradient.
+        model.compile(optimizer=keras.optimizers.SGD(1.0), metrics=["accuracy"])
+        batch = {"image": self.images, "classification_view": self.view}
+        logs = model.train_on_batch(batch, self.labels, return_dict=True)
+        self.assertEqual(set(logs), {"loss", "ce_loss", "accuracy"})
+        trained_on = self.view if views == 3 else self.images[:, :, ::-1]
+        expected_weights, expected_loss = self._keras_classifier_step(trained_on)
+        self.assertAllClose(logs["loss"], expected_loss, atol=1e-6)
+        self.assertAllClose(logs["ce_loss"], expected_loss, atol=1e-6)
+        # Every weight, BatchNorm's moving statistics included.
+        for actual, expected in zip(model.backbone.weights, expected_weights, strict=True):
+            self.assertAllClose(actual.numpy(), expected, atol=1e-6, msg=actual.path)
+
+    def test_one_backbone_forward_per_step(self):
+        forwards = {}
+        for consistency, views in (("none", 3), ("none", 2), ("contrastive", 2),
+                                   ("contrastive", 3)):
+            backbone, counter = _counting_backbone()
+            model = cgc_tf.CGCModel(
+                backbone, target_layer="features", consistency=consistency, views=views
+            )
+            # Eager: the counter counts executed forward passes, not traces.
+            model.compile(optimizer="sgd", run_eagerly=True)
+            counter.calls = 0
+            model.train_on_batch({"image": self.images, "classification_view": self.view},
+                                 self.labels)
+            forwards[(consistency, views)] = counter.calls
+            counter.calls = 0
+            model.test_on_batch(self.images, self.labels)
+            forwards[(consistency, views, "test")] = counter.calls
+        self.assertEqual(forwards[("none", 3)], 1)
+        self.assertEqual(forwards[("none", 2)], 1)
+        self.assertEqual(forwards[("none", 3, "test")], 1)
+        # The oracle counts: CGC forwards x_orig and x_aug (and x_xe with views=3).
+        self.assertEqual(forwards[("contrastive", 2)], 2)
+        self.assertEqual(forwards[("contrastive", 3)], 3)
+
+    def test_evaluate_reports_accuracy_and_cross_entropy_of_the_given_view(self):
+        model = cgc_tf.CGCModel(
+            testing_models.tiny_convnet(16), target_layer="features", consistency="none"
+        )
+        model.compile(optimizer="sgd", metrics=["accuracy"])
+        results = model.evaluate(self.images, self.labels, verbose=0, return_dict=True)
+        self.assertEqual(set(results), {"loss", "ce_loss", "accuracy"})
+        logits = model.backbone(self.images)
+        expected = keras.losses.sparse_categorical_crossentropy(
+            self.labels, logits, from_logits=True
+        )
+        self.assertAllClose(results["ce_loss"], float(tf.reduce_mean(expected)), atol=1e-6)
+        accuracy = np.mean(np.argmax(logits, axis=-1) == self.labels.numpy())
+        self.assertAllClose(results["accuracy"], accuracy)
+        # Explanations still come from Grad-CAM of the trained network.
+        self.assertEqual(model.explain(self.images)["heatmap"].shape, (4, 16, 16))
+
+    @parameterized.named_parameters(("unlabelled", "unlabelled"),
+                                    ("semi_supervised", "semi_supervised"))
+    def test_batches_without_labels_are_refused(self, kind):
+        model = cgc_tf.CGCModel(
+            testing_models.tiny_convnet(16), target_layer="features", consistency="none"
+        )
+        model.compile(optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, "consistency='none'.*labelled"):
+            model.train_step(_split_batch(kind))
 
 
 # ------------------------------------------------ the two-tape train step (issue #7)

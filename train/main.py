@@ -71,10 +71,13 @@ _LR_DECAY_FACTOR = flags.DEFINE_float(
 _WARMUP_EPOCHS = flags.DEFINE_integer(
     "warmup_epochs", _D.warmup_epochs, "Epochs of linear warmup (>= 0).")
 _LAMBDA = flags.DEFINE_float(
-    "lambda_", _D.lambda_, "Consistency loss weight (>= 0; 0 = plain baseline). Alias --lambda.")
+    "lambda_", _D.lambda_, "Consistency loss weight (>= 0; 0 = the lambda=0 ablation: the "
+    "multi-view step, consistency reported without gradient). Alias --lambda.")
 _TEMPERATURE = flags.DEFINE_float("temperature", _D.temperature, "InfoNCE temperature (> 0).")
 _CONSISTENCY = flags.DEFINE_enum(
-    "consistency", _D.consistency, config_lib.CONSISTENCIES, "contrastive: CGC; mse: GC.")
+    "consistency", _D.consistency, config_lib.CONSISTENCIES,
+    "contrastive: CGC; mse: the GC baseline (the reference runs it at lambda 1000); none: "
+    "the plain baseline (one view, one cross-entropy, no Grad-CAM; labelled data only).")
 _VIEWS = flags.DEFINE_integer(
     "views", _D.views, "Cross-entropy views: 3 (METHOD.md) or 2 (no classification view).")
 _TRANSFORM_MIN_AREA = flags.DEFINE_float(
