@@ -406,6 +406,44 @@ def _is_xla_compatible(layer):
     return type(layer) in _PROJECTIVE_MATRICES or type(layer) in _XLA_NATIVE_GEOMETRIC_TYPES
 
 
+def _global_batch_position(batch_size):
+    """(replicas in sync, row of this replica's first example in the global batch).
+
+    Under a tf.distribute strategy the global batch is the replicas' batches in
+    replica order, as the strategy splits it; (1, 0) outside one.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 1, 0
+    replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    return context.num_replicas_in_sync, replica_id * tf.cast(batch_size, tf.int32)
+
+
+def _replica_rows(transformation, first_row, batch_size, replicas):
+    """This replica's rows of a geometric layer's global-batch transformation.
+
+    The sampled tensors of rank >= 1 hold one row per example of the global
+    batch and are sliced (unless their static first dimension says otherwise);
+    scalars and Python values (Keras's image shapes) are kept, and a Keras
+    `batch_size` entry becomes the replica's batch size.
+    """
+    if replicas == 1:
+        return transformation
+    static_batch = tf.get_static_value(batch_size)
+    global_batch = None if static_batch is None else int(static_batch) * replicas
+
+    def rows(value):
+        if not (tf.is_tensor(value) and value.shape.rank):
+            return value
+        if global_batch is not None and value.shape[0] not in (None, global_batch):
+            return value
+        return value[first_row : first_row + batch_size]
+
+    if isinstance(transformation, dict) and "batch_size" in transformation:
+        transformation = dict(transformation, batch_size=batch_size)
+    return tf.nest.map_structure(rows, transformation)
+
+
 def _snap_to_one(fraction):
     return tf.where(fraction >= 1.0 - _FIT_TOLERANCE, tf.ones_like(fraction), fraction)
 
@@ -633,10 +671,15 @@ class PairedAugmentation(keras.layers.Layer):
         height = tf.cast(image_height, tf.float32)
         width = tf.cast(image_width, tf.float32)
         count = _NUM_CROP_CANDIDATES
-        # One draw: count areas, count log-ratios, two box offsets, one flip coin.
+        replicas, first_row = _global_batch_position(batch_size)
+        # One draw for the global batch: count areas, count log-ratios, two box
+        # offsets, one flip coin per example. Every replica draws the same rows
+        # (its seed state is an identical copy) and keeps its own.
         uniforms = keras.random.uniform(
-            (batch_size, 2 * count + 3), seed=self.seed_generator
+            (batch_size * replicas, 2 * count + 3), seed=self.seed_generator
         )
+        if replicas > 1:
+            uniforms = uniforms[first_row : first_row + batch_size]
         minimum_area, maximum_area = self.area_range
         area = minimum_area + (maximum_area - minimum_area) * uniforms[:, :count]
         log_minimum = math.log(self.aspect_ratio_range[0])
@@ -691,9 +734,14 @@ class PairedAugmentation(keras.layers.Layer):
         if self.geometric_layers:
             # Some layers read the image shape from `images`; this zero-size-channel
             # stand-in carries the shape without costing memory.
-            shape_carrier = tf.zeros([batch_size, image_height, image_width, 0])
+            shape_carrier = tf.zeros([batch_size * replicas, image_height, image_width, 0])
             layer_transformations = tuple(
-                self._sample_layer(layer, batch_size, shape_carrier)
+                _replica_rows(
+                    self._sample_layer(layer, batch_size * replicas, shape_carrier),
+                    first_row,
+                    batch_size,
+                    replicas,
+                )
                 for layer in self.geometric_layers
             )
         return {

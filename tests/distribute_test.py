@@ -27,27 +27,6 @@ def deterministic_augmentation():
     )
 
 
-class GlobalBatchAugmentation(cgc_tf.PairedAugmentation):
-    """Draws T for the whole global batch on each replica and keeps this replica's rows.
-
-    Every replica's copy of the seed state is equal and advances equally, so all
-    replicas draw the same global transforms and example i of replica r gets row
-    r * B + i: the transforms one device draws for the same global batch.
-    """
-
-    def sample(self, batch_size, image_height, image_width):
-        replicas = distribute.num_replicas_in_sync()
-        transform = super().sample(batch_size * replicas, image_height, image_width)
-        if replicas == 1:
-            return transform
-        start = tf.distribute.get_replica_context().replica_id_in_sync_group * batch_size
-        return {
-            "boxes": transform["boxes"][start : start + batch_size],
-            "flips": transform["flips"][start : start + batch_size],
-            "layer_transformations": (),
-        }
-
-
 def _batch(seed=0):
     rng = np.random.default_rng(seed)
     images = rng.uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -273,11 +252,13 @@ class CGCStepTest(testing_devices.TwoReplicaTestCase):
         difference = max(np.abs(a - b).max() for a, b in zip(weights, expected_weights))
         self.assertGreater(difference, 1e-3)
 
-    def test_random_transforms_drawn_for_the_global_batch_match(self):
+    def test_random_transforms_give_the_single_device_step(self):
+        # PairedAugmentation draws T for the global batch and each replica keeps its
+        # rows, so two replicas train on the transforms one device draws.
         arguments = dict(lambda_=1.0, global_negatives=True)
 
         def augmentation():
-            return GlobalBatchAugmentation(seed=3)
+            return cgc_tf.PairedAugmentation(seed=3)
 
         expected_weights, expected_history = self._single_device(augmentation, **arguments)
         weights, history = _one_step(self.strategy, augmentation, **arguments)
@@ -285,22 +266,38 @@ class CGCStepTest(testing_devices.TwoReplicaTestCase):
         for actual, expected in zip(weights, expected_weights):
             self.assertAllClose(actual, expected, atol=1e-5)
 
-    def test_replicas_draw_identical_transforms(self):
-        # Documented behaviour (docs/distributed.md): the SeedGenerator state is a
-        # mirrored variable with aggregation "none"; each replica updates its own
-        # copy in replica context, identically, so replica r's example i gets the
-        # same T as every other replica's example i, and the state still advances.
+    def test_replicas_draw_one_transform_per_global_example(self):
+        # The SeedGenerator state is a mirrored variable with aggregation "none":
+        # each replica updates its own copy, identically. Every replica draws the
+        # global batch's transforms and keeps its rows, so example i of replica r
+        # gets row r * B + i of the draw one device makes, and the state advances.
+        layers = (keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2))
+
+        def augmentation():
+            return cgc_tf.PairedAugmentation(seed=7, geometric_layers=layers)
+
         with self.strategy.scope():
-            augmentation = cgc_tf.PairedAugmentation(seed=7)
+            replicated = augmentation()
 
         @tf.function
         def draw():
-            return self.strategy.run(
-                lambda: augmentation.sample(2, IMAGE_SIZE, IMAGE_SIZE)["boxes"]
+            transform = self.strategy.run(
+                lambda: replicated.sample(tf.constant(2), IMAGE_SIZE, IMAGE_SIZE)
             )
+            return tf.nest.map_structure(self.strategy.experimental_local_results, transform)
 
-        first = self.strategy.experimental_local_results(draw())
-        second = self.strategy.experimental_local_results(draw())
-        self.assertAllEqual(first[0], first[1])
-        self.assertNotAllClose(first[0], second[0])
-        self.assertAllEqual(augmentation.seed_generator.state.numpy(), [7, 2])
+        single_device = augmentation()
+        for _ in range(2):
+            transform = draw()
+            expected = single_device.sample(4, IMAGE_SIZE, IMAGE_SIZE)
+            boxes = transform["boxes"]
+            self.assertNotAllClose(boxes[0], boxes[1])
+            self.assertAllEqual(tf.concat(boxes, 0), expected["boxes"])
+            self.assertAllEqual(tf.concat(transform["flips"], 0), expected["flips"])
+            flip, rotation = transform["layer_transformations"]
+            expected_flip, expected_rotation = expected["layer_transformations"]
+            self.assertAllEqual(tf.concat(flip["flips"], 0), expected_flip["flips"])
+            self.assertAllClose(
+                tf.concat(rotation["rotation_matrix"], 0), expected_rotation["rotation_matrix"]
+            )
+        self.assertAllEqual(replicated.seed_generator.state.numpy(), [7, 6])
