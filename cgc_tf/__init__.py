@@ -4,7 +4,9 @@ Public API:
   CGCModel                  keras.Model whose train_step adds the CGC loss.
   PairedAugmentation        one random geometric T for images and heatmaps.
   backbones                 offline ResNet builders with their target layers.
+  explain                   Grad-CAM / Grad-CAM++ heatmaps of any Keras classifier.
   gradcam, losses           Grad-CAM by GradientTape; InfoNCE / MSE consistency.
+  CoupledSGD, optimizers    torch.optim.SGD's update (coupled L2 weight decay).
 """
 
 import os
@@ -25,20 +27,28 @@ if keras.backend.backend() != "tensorflow":
 from cgc_tf import augment  # noqa: E402
 from cgc_tf import backbones  # noqa: E402
 from cgc_tf import distribute  # noqa: E402
+from cgc_tf import explainers  # noqa: E402
 from cgc_tf import gradcam  # noqa: E402
 from cgc_tf import losses  # noqa: E402
+from cgc_tf import optimizers  # noqa: E402
 from cgc_tf import schedules  # noqa: E402
 from cgc_tf.augment import PairedAugmentation  # noqa: E402
+from cgc_tf.explainers import explain  # noqa: E402
 from cgc_tf.model import CGCModel  # noqa: E402
+from cgc_tf.optimizers import CoupledSGD  # noqa: E402
 
 __all__ = [
     "CGCModel",
+    "CoupledSGD",
     "PairedAugmentation",
     "augment",
     "backbones",
     "distribute",
+    "explain",
+    "explainers",
     "gradcam",
     "losses",
+    "optimizers",
     "schedules",
     "__version__",
 ]

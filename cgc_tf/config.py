@@ -26,6 +26,9 @@ VIEWS = (2, 3)
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILES = ("auto", "true", "false")
+# Mirrors `cgc_tf.optimizers.WEIGHT_DECAY_MODES` (checked by tests/optimizers_test.py).
+# "coupled" is torch.optim.SGD's L2 (the reference); "decoupled" is Keras' SGD form.
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 
 EMBEDDED_DATASET = "cluttered_digits"
 # The embedded dataset's holdout config: its train digits split into train and
@@ -78,6 +81,7 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    weight_decay_mode: str = "coupled"
     lr_schedule: str = "cosine"
     lr_decay_epochs: int = 30
     lr_decay_factor: float = 0.1
@@ -187,6 +191,7 @@ def _field_errors(config):
     check_choice("strategy", STRATEGIES)
     check_choice("mixed_precision", MIXED_PRECISIONS)
     check_choice("jit_compile", JIT_COMPILES)
+    check_choice("weight_decay_mode", WEIGHT_DECAY_MODES)
     minimum_size = MIN_IMAGE_SIZE.get(config.arch, min(MIN_IMAGE_SIZE.values()))
     check(
         _is_int(config.image_size) and config.image_size >= minimum_size,

@@ -5,6 +5,8 @@ Model directory (docs/architecture.md):
     model_dir/
       config.json                 the TrainConfig (written at the start and the end)
       model.keras                 the final CGCModel
+      backbone.weights.h5         its backbone's weights alone: another run's
+                                  init_weights (fine-tuning from this run)
       checkpoints/backup/         BackupAndRestore state: weights + optimizer after
                                   the last completed epoch (or at a SIGTERM)
       checkpoints/last_epoch.keras  the full model after the last completed epoch
@@ -14,6 +16,10 @@ Model directory (docs/architecture.md):
       log.csv                     one row per epoch (continued on resume)
       tensorboard/                scalars (train/, validation/) and heatmaps/
       metrics.json                final evaluation on the eval split
+      labelled_subset.json        with examples_per_class: the labelled examples per
+                                  class (a resumed run checks it draws the same)
+      input_stats/worker-<i>.json what input pipeline i (worker i) decoded: written
+                                  by every worker after each epoch (data.InputStats)
       .lock                       held by the training process (run_lock): a second
                                   process on the same model_dir stops with an error
 
@@ -49,6 +55,7 @@ from cgc_tf import custom_loop
 from cgc_tf import data
 from cgc_tf import distribute
 from cgc_tf import evaluation as evaluation_lib
+from cgc_tf import optimizers
 from cgc_tf import run_lock
 from cgc_tf.schedules import LinearWarmup
 from cgc_tf.augment import PairedAugmentation
@@ -56,6 +63,8 @@ from cgc_tf.model import CGCModel
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
+# The final backbone alone, loadable as another run's `init_weights`.
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.csv"
 # Explanation metrics printed at the end of a run (all are in metrics.json).
@@ -71,6 +80,8 @@ BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
 EPOCH_MODEL_FILE = os.path.join(CHECKPOINT_DIR, "last_epoch.keras")
 MULTI_WORKER_DIR = os.path.join(CHECKPOINT_DIR, "multi_worker")
 TENSORBOARD_DIR = "tensorboard"
+LABELLED_SUBSET_FILE = "labelled_subset.json"
+INPUT_STATS_DIR = "input_stats"
 HEATMAP_IMAGES = 8
 
 # Fields that shape the model's and optimizer's variables: a checkpoint written
@@ -300,10 +311,17 @@ def _heatmap_images(eval_data, count):
     return np.concatenate(images)[:count]
 
 
-def _train_dataset(config, batch_size, completed_epochs, counter):
-    """One pass of training batches of `batch_size`; semi-supervised with config.unlabeled."""
+def _train_dataset(config, batch_size, completed_epochs, counter, num_shards=1, shard_index=0,
+                   input_stats=None):
+    """One pass of training batches of `batch_size`; semi-supervised with config.unlabeled.
+
+    With `num_shards` > 1 only shard `shard_index` of the records is read and
+    decoded (`data.train_dataset`); `input_stats` counts the decoded images.
+    """
+    sharding = {"num_shards": num_shards, "shard_index": shard_index, "input_stats": input_stats}
     # Shifting the seed by the completed epochs keeps a resumed run from
-    # replaying the shuffling order of the first epochs.
+    # replaying the shuffling order of the first epochs; the labelled subset
+    # keeps config.seed (subset_seed), so a resumed run trains on the same examples.
     seed = config.seed + completed_epochs
     corrupt = {"skip_corrupt_images": config.skip_corrupt_images, "corrupt_image_counter": counter}
     train = data.train_dataset(
@@ -315,7 +333,9 @@ def _train_dataset(config, batch_size, completed_epochs, counter):
         seed=seed,
         classification_view=config.views == 3,
         drop_remainder=True,
+        subset_seed=config.seed,
         **corrupt,
+        **sharding,
     )
     if config.unlabeled is not None:
         unlabeled = data.unlabeled_dataset(
@@ -326,6 +346,7 @@ def _train_dataset(config, batch_size, completed_epochs, counter):
             split=config.unlabeled_split,
             seed=seed,
             **corrupt,
+            **sharding,
         )
         train = data.semi_supervised_dataset(train, unlabeled)
     return train
@@ -342,8 +363,8 @@ def _eval_dataset(config, counter):
     )
 
 
-def _multi_worker_dataset_fn(config, completed_epochs, counter):
-    """dataset_fn for `custom_loop.train`: this worker's share of the global batches."""
+def _multi_worker_dataset_fn(config, completed_epochs, counter, input_stats):
+    """dataset_fn for `custom_loop.train`: batches of this worker's share of the records."""
 
     def dataset_fn(input_context):
         batches = _train_dataset(
@@ -351,13 +372,45 @@ def _multi_worker_dataset_fn(config, completed_epochs, counter):
             input_context.get_per_replica_batch_size(config.batch_size),
             completed_epochs,
             counter,
+            num_shards=input_context.num_input_pipelines,
+            shard_index=input_context.input_pipeline_id,
+            input_stats=input_stats,
         )
-        # Every input pipeline shuffles with the same seed, so taking every N-th
-        # batch gives the pipelines disjoint shares of each pass.
-        shard = batches.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        return shard.repeat()
+        # The records are already sharded before decoding; tf.data's auto-shard
+        # (which distribute_datasets_from_function does not apply, but an
+        # experimental_distribute_dataset of this dataset would) must not split
+        # this worker's share again.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        return batches.repeat().with_options(options)
 
     return dataset_fn
+
+
+class _InputStatsWriter(keras.callbacks.Callback):
+    """Writes model_dir/input_stats/worker-<index>.json after every epoch and at the end."""
+
+    def __init__(self, model_dir, input_stats):
+        super().__init__()
+        self._directory = os.path.join(model_dir, INPUT_STATS_DIR)
+        self._input_stats = input_stats
+        self._epochs = 0
+
+    def _write(self):
+        os.makedirs(self._directory, exist_ok=True)
+        values = dict(self._input_stats.as_dict(), epochs_this_run=self._epochs)
+        _write_json(
+            os.path.join(self._directory, f"worker-{self._input_stats.shard_index}.json"), values
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epochs += 1
+        self._write()
+
+    def on_train_end(self, logs=None):
+        self._write()
 
 
 def _final_metrics(model, config, info):
@@ -494,6 +547,7 @@ def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
         completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(resume_dir)
     if completed:
         say(f"Resuming from {resume_dir}: {completed} of {config.epochs} epochs done")
+    _check_labelled_subset(config, completed, write=chief)
     if chief:
         callbacks_lib.truncate_csv_log(os.path.join(model_dir, LOG_FILE), completed)
         _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
@@ -505,6 +559,52 @@ def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
         return _train(config, strategy, info, completed, say, progress, callbacks)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _check_labelled_subset(config, completed, write):
+    """Writes model_dir/labelled_subset.json; a resumed run must draw the same subset.
+
+    Only with examples_per_class. The subset depends on the data,
+    examples_per_class and seed only (the per-epoch seeds move the shuffling).
+
+    Raises:
+      ConfigurationError: a resumed run (completed > 0) whose subset differs from
+        the file's, e.g. because the data changed since the run started.
+    """
+    if config.examples_per_class is None:
+        return
+    subset = data.labelled_subset(
+        config.dataset, config.examples_per_class, config.seed, config.image_size,
+        data_dir=config.data_dir,
+    )
+    record = {
+        "dataset": config.dataset,
+        "split": subset["split"],
+        "seed": config.seed,
+        "examples_per_class": config.examples_per_class,
+        "examples": subset["examples"],
+    }
+    path = os.path.join(config.model_dir, LABELLED_SUBSET_FILE)
+    if completed and os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous == record:
+            return
+        changed = [key for key in record if previous.get(key) != record[key]]
+        classes = sorted(
+            name
+            for name in set(record["examples"]) | set(previous.get("examples", {}))
+            if previous.get("examples", {}).get(name) != record["examples"].get(name)
+        )
+        raise ConfigurationError(
+            f"model_dir={config.model_dir!r} holds a run started on another labelled subset "
+            f"than this run draws ({path}: {', '.join(changed)} differ; classes with other "
+            f"examples: {classes[:5]}{' ...' if len(classes) > 5 else ''}). Resuming would "
+            "train on other examples: restore the data (or seed, examples_per_class) the run "
+            "started with, or use another model_dir or resume=False (--noresume) to start over"
+        )
+    if write:
+        _write_json(path, record)
 
 
 def _silent(*args, **kwargs):
@@ -530,10 +630,11 @@ def _build_model(config, num_classes, steps_per_epoch, strategy, say):
             global_negatives=config.global_negatives,
         )
         model(tf.zeros((1, config.image_size, config.image_size, 3)))
-        optimizer = keras.optimizers.SGD(
-            learning_rate=learning_rate_schedule(config, steps_per_epoch),
+        optimizer = optimizers.sgd(
+            learning_rate_schedule(config, steps_per_epoch),
             momentum=config.momentum,
-            weight_decay=config.weight_decay or None,
+            weight_decay=config.weight_decay,
+            weight_decay_mode=config.weight_decay_mode,
         )
         model.compile(
             optimizer=optimizer, metrics=["accuracy"], jit_compile=_JIT_COMPILE[config.jit_compile]
@@ -596,7 +697,10 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
     model_dir = config.model_dir
     # Repeated, with a fixed number of steps per epoch: the schedule needs the
     # count up front, and skipped corrupt images must not end an epoch early.
-    train_data = _train_dataset(config, config.batch_size, completed, counter).repeat()
+    input_stats = data.InputStats()
+    train_data = _train_dataset(
+        config, config.batch_size, completed, counter, input_stats=input_stats
+    ).repeat()
     eval_data = _eval_dataset(config, counter)
     backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, BACKUP_DIR))
     csv_logger = callbacks_lib.ResumableCSVLogger(
@@ -612,6 +716,7 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
         *_summaries(config, eval_data),
         callbacks_lib.AtomicModelCheckpoint(os.path.join(model_dir, EPOCH_MODEL_FILE)),
         backup,
+        _InputStatsWriter(model_dir, input_stats),
         *extra_callbacks,
     ]
     verbose = (1 if _is_interactive() else 2) if progress else 0
@@ -638,9 +743,13 @@ def _train_multi_worker(
 ):
     """custom_loop.train, on every worker; returns (epochs run, seconds)."""
     chief = distribute.is_chief(strategy)
+    # Outside the strategy's scope: a plain counter variable of this worker.
+    input_stats = data.InputStats()
     epoch_callbacks = [
         _stop_on_non_finite_loss(config, MULTI_WORKER_DIR),
         callbacks_lib.LearningRateLogger(),
+        # Every worker writes its own file (the one file a non-chief writes).
+        _InputStatsWriter(config.model_dir, input_stats),
     ]
     if chief:
         # Chief only: HeatmapSummary's `explain` reads only this worker's copy
@@ -650,7 +759,7 @@ def _train_multi_worker(
     history = custom_loop.train(
         model,
         strategy,
-        _multi_worker_dataset_fn(config, completed, counter),
+        _multi_worker_dataset_fn(config, completed, counter, input_stats),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         checkpoint_dir=os.path.join(config.model_dir, MULTI_WORKER_DIR),
@@ -690,6 +799,9 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
     model_path = os.path.join(model_dir, MODEL_FILE)
     with callbacks_lib.atomic_write_path(model_path) as temporary_path:
         model.save(temporary_path)
+    backbone_path = os.path.join(model_dir, BACKBONE_WEIGHTS_FILE)
+    with callbacks_lib.atomic_write_path(backbone_path) as temporary_path:
+        model.backbone.save_weights(temporary_path)
     _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
     metrics = _final_metrics(model, config, info)
     metrics["epochs"] = config.epochs
@@ -710,7 +822,8 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
         if value is not None:
             say(f"{info.eval_split} {key}: {value:.4f}")
     say(f"Outputs in {os.path.abspath(model_dir)}:")
-    say(f"  {MODEL_FILE} (final model), {CONFIG_FILE}, {METRICS_FILE}, {LOG_FILE}")
+    say(f"  {MODEL_FILE} (final model), {BACKBONE_WEIGHTS_FILE} (for --init_weights), "
+        f"{CONFIG_FILE}, {METRICS_FILE}, {LOG_FILE}")
     say(f"  {CHECKPOINT_DIR}/ (resume state), {TENSORBOARD_DIR}/ (tensorboard --logdir)")
     return metrics
 

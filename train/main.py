@@ -61,6 +61,9 @@ _STEPS_PER_EPOCH = flags.DEFINE_integer(
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak SGD rate (> 0).")
 _MOMENTUM = flags.DEFINE_float("momentum", _D.momentum, "SGD momentum in [0, 1).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", _D.weight_decay, "Weight decay (>= 0).")
+_WEIGHT_DECAY_MODE = flags.DEFINE_enum(
+    "weight_decay_mode", _D.weight_decay_mode, config_lib.WEIGHT_DECAY_MODES,
+    "coupled: torch.optim.SGD's L2 in the momentum (the reference); decoupled: Keras' SGD.")
 _LR_SCHEDULE = flags.DEFINE_enum(
     "lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
     "step: x lr_decay_factor every lr_decay_epochs; cosine: to 0 at the last epoch; constant.")
@@ -105,7 +108,8 @@ flags.DEFINE_alias("lambda", "lambda_")
 _HOLDERS = (
     _DATASET, _DATA_DIR, _IMAGE_SIZE, _EXAMPLES_PER_CLASS, _UNLABELED, _UNLABELED_SPLIT,
     _SKIP_CORRUPT_IMAGES, _ARCH, _TARGET_LAYER, _INIT_WEIGHTS, _EPOCHS, _BATCH_SIZE,
-    _STEPS_PER_EPOCH, _LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY, _LR_SCHEDULE, _LR_DECAY_EPOCHS,
+    _STEPS_PER_EPOCH, _LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY, _WEIGHT_DECAY_MODE,
+    _LR_SCHEDULE, _LR_DECAY_EPOCHS,
     _LR_DECAY_FACTOR, _WARMUP_EPOCHS, _LAMBDA, _TEMPERATURE, _CONSISTENCY, _VIEWS,
     _TRANSFORM_MIN_AREA, _GLOBAL_NEGATIVES, _SEED, _MODEL_DIR, _RESUME, _EVAL_EVERY, _EXPORT,
     _STRATEGY, _TPU, _MIXED_PRECISION, _JIT_COMPILE,
