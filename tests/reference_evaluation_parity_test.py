@@ -1,0 +1,313 @@
+"""The paper protocol against the reference's own evaluation code (torch, cv2).
+
+The reference files in ../shared/reference-cgc are executed, never copied:
+TorchRay's `validate_multi` / `compute_gradcam` / `imagenet_as_mask` and its
+`ImageNetDetection` XML parser run on a generated VOC folder with given
+heatmaps; RISE's `CausalMetric.evaluate`, `gkern` and `auc` run on the same
+images, saliency and scoring function as `cgc_tf.paper_protocol.rise_curves`.
+Functions are taken from the reference files' syntax trees (their modules import
+CUDA-only or absent packages at import time) and executed with `.cuda()` made a
+no-op. Skipped without torch, cv2 or the reference folder.
+"""
+
+import ast
+import importlib.util
+import os
+import sys
+import tempfile
+import types
+import xml.etree.ElementTree as ElementTree
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cgc_tf import backbones
+from cgc_tf import paper_protocol
+from cgc_tf.data import annotated
+
+torch = pytest.importorskip("torch")
+cv2 = pytest.importorskip("cv2")
+
+REFERENCE_DIR = os.environ.get(
+    "CGC_REFERENCE_DIR",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference-cgc"),
+)
+TORCHRAY_DIR = os.path.join(REFERENCE_DIR, "TorchRay", "torchray", "benchmark")
+RISE_DIR = os.path.join(REFERENCE_DIR, "RISE")
+if not os.path.isdir(TORCHRAY_DIR) or not os.path.isdir(RISE_DIR):
+    pytest.skip(f"reference code not found at {REFERENCE_DIR}", allow_module_level=True)
+
+CLASS_NAMES = ["n001", "n002", "n003"]
+MEAN = np.asarray(backbones.IMAGENET_MEAN, np.float32)
+STD = np.asarray(backbones.IMAGENET_STD, np.float32)
+
+
+def _definitions(path, names, namespace):
+    """Executes the top-level definitions `names` of a reference file in `namespace`."""
+    with open(path) as file:
+        tree = ast.parse(file.read(), filename=path)
+    wanted = [node for node in tree.body if getattr(node, "name", None) in names]
+    found = {node.name for node in wanted}
+    assert found == set(names), f"{path} lacks {set(names) - found}"
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+class _NoCuda:
+    """Makes `Tensor.cuda()` return the tensor itself (the reference calls it everywhere)."""
+
+    def __enter__(self):
+        self._cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.cuda = self._cuda
+
+
+def _write_folder(root, images):
+    """Writes root/val/<name>.JPEG and root/annotation/<name>.xml for (name, w, h, objects)."""
+    os.makedirs(os.path.join(root, "val"))
+    os.makedirs(os.path.join(root, "annotation"))
+    rng = np.random.default_rng(0)
+    for name, width, height, objects in images:
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, "val", name + ".JPEG"))
+        parts = [f"<annotation><filename>{name}</filename><size><width>{width}</width>"
+                 f"<height>{height}</height><depth>3</depth></size>"]
+        for object_name, xmin, ymin, xmax, ymax in objects:
+            parts.append(f"<object><name>{object_name}</name><bndbox><xmin>{xmin}</xmin>"
+                         f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox>"
+                         "</object>")
+        parts.append("</annotation>")
+        with open(os.path.join(root, "annotation", name + ".xml"), "w") as file:
+            file.write("".join(parts))
+
+
+class _VisionDataset:
+    """torchvision's VisionDataset as far as ImageNetDetection uses it."""
+
+    def __init__(self, root, transforms, transform, target_transform):
+        del transforms, target_transform
+        self.root, self.transform = root, transform
+
+
+class _GivenHeatmapModel(torch.nn.Module):
+    """Returns (logits, features) whose TorchRay Grad-CAM is the next given heatmap.
+
+    features = heatmap [1, 1, h, w]; every logit is their sum, so d logit / d
+    features = 1 and TorchRay's gradient x activation CAM is the heatmap itself.
+    """
+
+    def __init__(self, heatmaps, num_classes):
+        super().__init__()
+        self._heatmaps = list(heatmaps)
+        self._num_classes = num_classes
+
+    def forward(self, images, vanilla_with_feats=False):
+        del images
+        assert vanilla_with_feats
+        features = torch.tensor(self._heatmaps.pop(0), dtype=torch.float32)[None, None]
+        features.requires_grad_(True)
+        logits = features.sum(dim=[2, 3]).repeat(1, self._num_classes)
+        return logits, features
+
+
+def _torchray_content_heatmap(root, heatmaps):
+    """(per-image values, mean percent) of TorchRay's validate_multi on `root`."""
+    namespace = {
+        "torch": torch, "np": np, "nn": torch.nn, "cv2": cv2, "time": __import__("time"),
+    }
+    evaluate_file = os.path.join(TORCHRAY_DIR, "evaluate_imagenet_gradcam_energy_inside_bbox.py")
+    _definitions(evaluate_file, ["validate_multi", "compute_gradcam", "unwrap_dict",
+                                 "AverageMeter"], namespace)
+    datasets = {
+        "torch": torch, "os": os, "version": __import__("packaging.version").version,
+        "ET": ElementTree, "collections": __import__("collections"), "Image": Image,
+        "_IMAGENET_CLASS_TO_INDEX": {name: i for i, name in enumerate(CLASS_NAMES)},
+        "torchvision": types.SimpleNamespace(
+            datasets=types.SimpleNamespace(VisionDataset=_VisionDataset)
+        ),
+    }
+    _definitions(os.path.join(TORCHRAY_DIR, "datasets.py"),
+                 ["imagenet_as_mask", "annotation_as_image_size", "ImageNetDetection"], datasets)
+    namespace["pointing_datasets"] = types.SimpleNamespace(**datasets)
+
+    class RecordingMeter(namespace["AverageMeter"]):
+        def __init__(self):
+            super().__init__()
+            self.values = []
+            meters.append(self)
+
+        def update(self, val, n=1):
+            self.values.append(float(val))
+            super().update(val, n)
+
+    meters = []
+    namespace["AverageMeter"] = RecordingMeter
+
+    def to_tensor(image):  # the model ignores pixels; only the loader's shapes matter
+        return torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0)
+
+    dataset = datasets["ImageNetDetection"](root, transform=to_tensor)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    with _NoCuda():
+        namespace["validate_multi"](loader, dataset, _GivenHeatmapModel(heatmaps, len(CLASS_NAMES)))
+    # validate_multi's meters: batch_time, then heatmap_inside_bbox.
+    return meters[1].values, meters[1].avg * 100.0
+
+
+class TorchRayContentHeatmapParityTest(tf.test.TestCase):
+
+    def test_content_heatmap_equals_torchray(self):
+        images = [
+            # Two boxes of the label n002 (the first object) and one of n001, ignored.
+            ("a", 40, 30, [("n002", 3, 4, 10, 12), ("n001", 1, 1, 40, 30),
+                           ("n002", 15, 14, 22, 20)]),
+            # Portrait, a box touching the right and bottom borders.
+            ("b", 24, 36, [("n001", 5, 9, 24, 36)]),
+            # An all-zero Grad-CAM: uniform map, the box's area fraction.
+            ("c", 33, 21, [("n003", 2, 2, 11, 7)]),
+            # Box coordinates beyond the image are clipped by both.
+            ("d", 17, 19, [("n003", 4, 6, 30, 40), ("n003", 1, 1, 2, 2)]),
+        ]
+        rng = np.random.default_rng(1)
+        heatmaps = [
+            rng.uniform(0, 1, size=(4, 5)).astype(np.float32),
+            np.maximum(rng.normal(size=(6, 3)), 0).astype(np.float32),
+            np.zeros((3, 4), np.float32),
+            rng.uniform(0, 1, size=(2, 2)).astype(np.float32) ** 3,
+        ]
+        with tempfile.TemporaryDirectory() as root:
+            _write_folder(root, images)
+            reference_values, reference_mean = _torchray_content_heatmap(root, list(heatmaps))
+            ours = []
+            for example, heatmap in zip(annotated.voc_folder_examples(root, CLASS_NAMES), heatmaps):
+                gt = example["boxes"][example["box_labels"] == example["label"]]
+                percent, _ = paper_protocol.content_heatmap(
+                    heatmap[None], gt[None], example["image"].shape[:2]
+                )
+                ours.append(float(percent[0]))
+        self.assertLen(reference_values, len(images))
+        self.assertAllClose(ours, [100.0 * v for v in reference_values], atol=1e-4, rtol=1e-5)
+        self.assertAllClose(np.mean(ours), reference_mean, atol=1e-4)
+        # Image c scores its box's area fraction (10 x 6 of 33 x 21 pixels).
+        self.assertAllClose(ours[2], 100.0 * 60 / (33 * 21), atol=1e-4)
+
+
+def _rise_module():
+    """RISE/evaluation.py imported with a stand-in for its plotting `utils`."""
+    utils = types.ModuleType("utils")
+    utils.np, utils.torch, utils.plt = np, torch, None
+    previous = sys.modules.get("utils")
+    sys.modules["utils"] = utils
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "rise_evaluation", os.path.join(RISE_DIR, "evaluation.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del sys.modules["utils"]
+        else:
+            sys.modules["utils"] = previous
+    return module
+
+
+def _rise_blur(rise):
+    """The insertion substrate as evaluate_auc_metrics.py builds it (its own statements)."""
+    path = os.path.join(RISE_DIR, "evaluate_auc_metrics.py")
+    with open(path) as file:
+        tree = ast.parse(file.read())
+    function = next(n for n in tree.body if getattr(n, "name", "") == "get_auc_per_data_subset")
+    statements = [
+        node for node in function.body
+        if isinstance(node, ast.Assign) and node.targets[0].id in ("klen", "ksig", "kern", "blur")
+    ]
+    namespace = {"gkern": rise.gkern, "F": torch.nn.functional}
+    exec(compile(ast.Module(body=statements, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+class _Scorer:
+    """One tiny Keras classifier seen by both: ours takes [0, 1] NHWC, RISE's normalised NCHW."""
+
+    def __init__(self, num_classes):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((None, None, 3))
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        self.model = keras.Model(inputs, keras.layers.Dense(num_classes)(x) * 4.0)
+
+    def logits(self, images):
+        return self.model(images)
+
+    def torch_probabilities(self, normalised):
+        images = normalised.numpy().transpose(0, 2, 3, 1) * STD + MEAN
+        return torch.from_numpy(tf.nn.softmax(self.model(images)).numpy())
+
+
+class RiseParityTest(tf.test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.rise = _rise_module()
+
+    def test_blur_kernel_is_gkern(self):
+        namespace = _rise_blur(self.rise)
+        self.assertEqual((namespace["klen"], namespace["ksig"]),
+                         (paper_protocol.BLUR_KERNEL_SIZE, paper_protocol.BLUR_SIGMA))
+        self.assertAllClose(paper_protocol.rise_blur_kernel(), namespace["kern"][0, 0].numpy(),
+                            atol=1e-8)
+
+    def _curves(self, mode, size, pixels_per_step, batch_size):
+        rng = np.random.default_rng(5)
+        images = rng.integers(0, 256, size=(batch_size, size, size, 3)).astype(np.float32) / 255
+        saliency = rng.uniform(size=(batch_size, size, size)).astype(np.float32)  # no ties
+        scorer = _Scorer(num_classes=4)
+        self.rise.HW, self.rise.n_classes = size * size, 4
+        substrate = _rise_blur(self.rise)["blur"] if mode == "ins" else torch.zeros_like
+        metric = self.rise.CausalMetric(scorer.torch_probabilities, mode, pixels_per_step, substrate)
+        normalised = torch.from_numpy(((images - MEAN) / STD).transpose(0, 3, 1, 2).copy())
+        with _NoCuda():
+            reference = metric.evaluate(normalised, saliency, batch_size=3)  # [steps + 1, B]
+        insertion, deletion, _ = paper_protocol.rise_curves(
+            scorer.logits, images, saliency, pixels_per_step
+        )
+        return reference.T, (insertion if mode == "ins" else deletion).numpy()
+
+    def test_insertion_and_deletion_equal_causal_metric(self):
+        for mode in ("ins", "del"):
+            # 16x16 = 256 pixels, 20 per step: 13 steps, the last one partial.
+            reference, ours = self._curves(mode, size=16, pixels_per_step=20, batch_size=4)
+            self.assertEqual(ours.shape, (4, 14))
+            self.assertAllClose(ours, reference, atol=1e-5)
+            self.assertAllClose(np.mean(paper_protocol.rise_auc(ours)),
+                                self.rise.auc(reference.mean(0)), atol=1e-6)
+
+    def test_default_steps_at_224_are_rises(self):
+        self.assertEqual(paper_protocol.default_pixels_per_step(224, 224), 224 * 8)
+
+
+class ResizeParityTest(tf.test.TestCase):
+    """torchvision's Resize on PIL images is PIL's bilinear resize of 8-bit pixels."""
+
+    def test_resize_matches_pil_within_one_level(self):
+        rng = np.random.default_rng(7)
+        cases = (((60, 80), 45), ((30, 40), 64), ((50, 37), 37), ((375, 500), 448))
+        for (height, width), short in cases:
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            size = paper_protocol.short_side_size(height, width, short)
+            pil = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
+            ours = paper_protocol.resize_image(pixels[None].astype(np.float32) / 255, size)
+            difference = np.abs(np.round(ours[0].numpy() * 255) - pil)
+            self.assertLessEqual(difference.max(), 1.0)
+            self.assertLess(difference.mean(), 0.03)
+
+
+if __name__ == "__main__":
+    tf.test.main()
