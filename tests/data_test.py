@@ -401,6 +401,32 @@ class FolderTest(tf.test.TestCase):
 
         self.assertEqual(subset(0), subset(0))
         self.assertNotEqual(subset(0), subset(1))
+
+    def test_subset_seed_fixes_the_subset_and_labelled_subset_names_it(self):
+        def trained_on(seed, subset_seed):
+            (features, _), = list(data.train_dataset(
+                self.dataset, 6, 16, examples_per_class=2, seed=seed, subset_seed=subset_seed
+            ))
+            return self._values(features["image"])
+
+        subset = data.labelled_subset(self.dataset, 2, 3, 16)
+        self.assertEqual(subset["split"], "train")
+        self.assertEqual(list(subset["examples"]), ["a", "b", "c"])
+        for class_name, names in subset["examples"].items():
+            self.assertLen(names, 2)
+            for name in names:  # Relative to the root: the same wherever it is mounted.
+                self.assertEqual(os.path.dirname(name), os.path.join("train", class_name))
+        expected = sorted(
+            self.value[os.path.join(self.root, name)]
+            for names in subset["examples"].values()
+            for name in names
+        )
+        # The per-epoch seeds of a run move the shuffling, not the subset.
+        for seed in (3, 4, 5):
+            self.assertEqual(trained_on(seed, subset_seed=3), expected)
+        self.assertEqual(trained_on(3, subset_seed=None), expected)
+        self.assertNotEqual(trained_on(4, subset_seed=None), expected)
+        self.assertEqual(data.labelled_subset(self.dataset, 2, 3, 16), subset)
         with self.assertRaisesRegex(ValueError, "examples_per_class=5.*class 'a'.*only 4"):
             data.train_dataset(self.dataset, 4, 16, examples_per_class=5)
 

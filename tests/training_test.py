@@ -133,6 +133,48 @@ class RunTrainingTest(tf.test.TestCase):
         self.assertAllClose(third["accuracy"], second["accuracy"])
         self.assertEqual([row["epoch"] for row in _read_log(model_dir)], ["0", "1"])
 
+    def test_resumed_limited_run_keeps_its_labelled_subset(self):
+        model_dir = os.path.join(self.get_temp_dir(), "limited")
+        # The plain baseline: the fastest step, and its run end to end.
+        config = self.config(model_dir, examples_per_class=2, batch_size=4, consistency="none")
+        first = training.run_training(config, progress=False)
+        self.assertNotIn("cgc_loss", first)
+        path = os.path.join(model_dir, training.LABELLED_SUBSET_FILE)
+        with open(path, "rb") as f:
+            written = f.read()
+        subset = data.labelled_subset("cluttered_digits", 2, 0, IMAGE_SIZE, data_dir=self.data_dir)
+        self.assertEqual(json.loads(written), {
+            "dataset": "cluttered_digits", "split": "train", "seed": 0,
+            "examples_per_class": 2, "examples": subset["examples"],
+        })
+
+        second = training.run_training(config.replace(epochs=2), progress=False)
+        self.assertEqual(second["epochs_run_this_time"], 1)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), written)
+
+        def one_pass(completed_epochs):
+            (features, _), = list(training._train_dataset(config, 20, completed_epochs, None))
+            return features["image"].numpy().sum(axis=(1, 2, 3))
+
+        # The resumed run's pipeline (seed shifted by the completed epoch) reads the
+        # same 20 examples as the first epoch's, in another order.
+        before, after = one_pass(0), one_pass(1)
+        self.assertAllEqual(np.sort(before), np.sort(after))
+        self.assertNotAllEqual(before, after)
+
+        # Data that changed since the run started: refused, the file left as it is.
+        changed = json.loads(written)
+        changed["examples"]["0"] = ["train_0.tfrecord-00000-of-00001__0", "an-unknown-example"]
+        with open(path, "w") as f:
+            json.dump(changed, f)
+        with self.assertRaisesRegex(
+            training.ConfigurationError, r"another labelled subset.*examples differ.*\['0'\]"
+        ):
+            training.run_training(config.replace(epochs=3), progress=False)
+        with open(path) as f:
+            self.assertEqual(json.load(f), changed)
+
     def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
         model_dir = os.path.join(self.get_temp_dir(), "nan")
         config = self.config(model_dir, epochs=2, learning_rate=0.05)

@@ -9,6 +9,7 @@ Public API:
   DatasetInfo, dataset_info     classes, splits, bounding boxes of a dataset.
   train_dataset                 ({"image", "classification_view"}, label) batches.
   eval_dataset                  ({"image"}, label) batches, or dicts with boxes.
+  labelled_subset               the examples of a per-class subset (examples_per_class).
   unlabeled_dataset             {"image"} batches.
   semi_supervised_dataset       ((x_l, y_l), x_u) with the unlabelled stream repeated.
   CorruptImageCounter           distinct corrupt files skipped (skip_corrupt_images=True).
@@ -27,6 +28,7 @@ from cgc_tf.data import sources
 from cgc_tf.data import views
 from cgc_tf.data.decode import CorruptImageCounter
 from cgc_tf.data.pipeline import eval_dataset
+from cgc_tf.data.pipeline import labelled_subset
 from cgc_tf.data.pipeline import semi_supervised_dataset
 from cgc_tf.data.pipeline import train_dataset
 from cgc_tf.data.pipeline import unlabeled_dataset
@@ -41,6 +43,7 @@ __all__ = [
     "decode",
     "elpv",
     "eval_dataset",
+    "labelled_subset",
     "pipeline",
     "semi_supervised_dataset",
     "sources",

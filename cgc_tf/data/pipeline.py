@@ -128,7 +128,42 @@ def _per_class_subset(source, split, examples_per_class, seed):
         # One stream per (seed, class): a class's subset does not depend on the others.
         rng = np.random.default_rng([seed, class_id])
         chosen[rng.choice(candidates, size=examples_per_class, replace=False)] = True
-    return [str(name) for name in names[chosen]]
+    return [str(name) for name in names[chosen]], labels[chosen]
+
+
+def labelled_subset(dataset, examples_per_class, seed, image_size, data_dir=None, split=None):
+    """The examples `train_dataset(..., examples_per_class, subset_seed=seed)` trains on.
+
+    Depends on the dataset's content, `examples_per_class` and `seed` only.
+
+    Args:
+      dataset: "cluttered_digits", a prepared tfds name, or "folder:/root".
+      examples_per_class: int N >= 1.
+      seed: int >= 0, the subset seed.
+      image_size: int S (selects the `cluttered_digits` config).
+      data_dir: tfds data directory (None: the tfds default).
+      split: split name; None: the train split.
+
+    Returns:
+      dict: "split" (str) and "examples" (class name -> the N example names of
+      the class in stored order: tfds ids, or for a folder the file paths
+      relative to its root).
+
+    Raises:
+      ValueError: as `train_dataset`, e.g. a class with fewer than N examples.
+    """
+    _check_int("examples_per_class", examples_per_class, 1)
+    _check_int("seed", seed, 0)
+    source = sources.resolve(dataset, data_dir, image_size)
+    split = source.info.train_split if split is None else split
+    names, labels = _per_class_subset(source, split, examples_per_class, seed)
+    if isinstance(source, sources.FolderSource):
+        # The subset is the same wherever the folder is mounted.
+        names = [os.path.relpath(name, source.root) for name in names]
+    examples = {class_name: [] for class_name in source.info.class_names}
+    for name, label in zip(names, labels):
+        examples[source.info.class_names[label]].append(name)
+    return {"split": split, "examples": examples}
 
 
 def _seeded(dataset, seed):
@@ -140,7 +175,7 @@ def _seeded(dataset, seed):
 def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
                   examples_per_class=None, seed=0, classification_view=True,
                   shuffle_buffer=10000, skip_corrupt_images=False, drop_remainder=True, *,
-                  corrupt_image_counter=None):
+                  corrupt_image_counter=None, subset_seed=None):
     """The labelled training stream: one pass over the split per iteration.
 
     Args:
@@ -150,15 +185,18 @@ def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
       data_dir: tfds data directory (None: the tfds default).
       split: split name (tfds split specs allowed); None: the train split.
       examples_per_class: int N or None. If set, a deterministic subset of N
-        examples per class (the same for the same seed). With
-        skip_corrupt_images=True, chosen files found corrupt are dropped, not
-        replaced.
-      seed: int >= 0: subset, shuffling and crops.
+        examples per class (the same for the same subset seed, see
+        `labelled_subset`). With skip_corrupt_images=True, chosen files found
+        corrupt are dropped, not replaced.
+      seed: int >= 0: shuffling and crops (and the subset unless `subset_seed`).
       classification_view: also compute `classification_view` (x_xe).
       shuffle_buffer: int >= 1, shuffle buffer size (in examples).
       skip_corrupt_images: skip and count corrupt images instead of failing.
       drop_remainder: drop the last incomplete batch (static shapes).
       corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+      subset_seed: int >= 0 or None (= `seed`): the seed of the per-class subset.
+        A run passes its own seed here and a per-epoch one as `seed`, so that a
+        resumed run trains on the same examples.
 
     Returns:
       tf.data.Dataset of (features, labels): features is a dict with `image`
@@ -180,7 +218,8 @@ def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
     split = source.info.train_split if split is None else split
     names = None
     if examples_per_class is not None:
-        names = _per_class_subset(source, split, examples_per_class, seed)
+        subset_seed = seed if subset_seed is None else subset_seed
+        names, _ = _per_class_subset(source, split, examples_per_class, subset_seed)
     min_short_side = views.min_decoded_side(image_size, classification_view)
     records = source.records(
         split, names=names, skip_corrupt_images=skip_corrupt_images, counter=counter,
