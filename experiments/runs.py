@@ -20,12 +20,19 @@ FLAGFILES = {
     "limited": "cluttered_digits_limited.cfg",
     "semi": "cluttered_digits_semi.cfg",
 }
-# Flags that turn the CGC flagfile into each method.
+# Flags that turn the CGC flagfile into each method, as the reference scripts run
+# them: plain = baseline_train_eval.py (one view, one cross-entropy); GC =
+# train_eval_gc_l2_no_contrast_baseline.py at its default lambda 1000 (the MSE of
+# two L2-normalised H*W maps is at most 4/(H*W): at CGC's lambda it does nothing);
+# lambda0 = the lambda=0 ablation (CGC's multi-view step, no consistency gradient).
 METHODS = {
-    "plain": ["--lambda_=0"],
-    "gc": ["--consistency=mse"],
+    "plain": ["--consistency=none"],
+    "gc": ["--consistency=mse", "--lambda_=1000"],
     "cgc": [],
+    "lambda0": ["--lambda_=0"],
 }
+# The methods reproduce.py runs by default (the ablation on request).
+PAPER_METHODS = ("plain", "gc", "cgc")
 COLUMNS = (
     ("accuracy", "accuracy %", 100.0),
     ("content_heatmap_percent", "CH %", 1.0),
@@ -48,16 +55,20 @@ def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
 
     With `holdout`, the run trains on `cluttered_digits_holdout` (and takes its
     unlabelled data from it in the semi regime), so it is evaluated on the
-    validation digits, never on the test split.
+    validation digits, never on the test split. The plain baseline cannot use
+    unlabelled images: its semi run is the limited regime's run (the semi
+    flagfile is the limited one plus the unlabelled data).
     """
+    uses_unlabelled = regime == "semi" and method != "plain"
+    flagfile = FLAGFILES["limited" if regime == "semi" and not uses_unlabelled else regime]
     data_flags = []
     if holdout:
         data_flags = ["--dataset=cluttered_digits_holdout"]
-        if regime == "semi":
+        if uses_unlabelled:
             data_flags.append("--unlabeled=cluttered_digits_holdout")
     return [
         sys.executable, "-m", "train.main",
-        "--flagfile=" + os.path.join(REPO, "train", "configs", FLAGFILES[regime]),
+        "--flagfile=" + os.path.join(REPO, "train", "configs", flagfile),
         *METHODS[method],
         f"--seed={seed}",
         f"--model_dir={model_dir}",

@@ -27,15 +27,38 @@ class ReproduceTest(tf.test.TestCase):
         command = runs.train_command("limited", "plain", 2, "/runs/x", ["--epochs=1"])
         self.assertIn("--flagfile=" + os.path.join(
             runs.REPO, "train", "configs", "cluttered_digits_limited.cfg"), command)
-        self.assertIn("--lambda_=0", command)
+        self.assertIn("--consistency=none", command)
         self.assertIn("--seed=2", command)
         self.assertEqual(command[-1], "--epochs=1")
-        self.assertIn("--consistency=mse", runs.train_command("full", "gc", 0, "/r"))
+        # GC at the reference scripts' default lambda, after the flagfile's.
+        gc = runs.train_command("full", "gc", 0, "/r")
+        self.assertEqual(gc[4:6], ["--consistency=mse", "--lambda_=1000"])
+        self.assertEqual(runs.train_command("full", "lambda0", 0, "/r")[4], "--lambda_=0")
         cgc = runs.train_command("semi", "cgc", 0, "/r")
         self.assertFalse([flag for flag in cgc if flag.startswith(("--lambda_", "--consistency"))])
         for regime in runs.FLAGFILES:
             flagfile = runs.train_command(regime, "cgc", 0, "/r")[3].split("=", 1)[1]
             self.assertTrue(os.path.exists(flagfile), flagfile)
+        self.assertEqual(runs.PAPER_METHODS, ("plain", "gc", "cgc"))
+
+    def test_plain_semi_run_is_the_limited_run(self):
+        """The plain baseline has no use for unlabelled images (consistency=none refuses them)."""
+        self.assertEqual(
+            runs.train_command("semi", "plain", 0, "/r"),
+            runs.train_command("limited", "plain", 0, "/r"),
+        )
+
+        def flags(regime):
+            with open(os.path.join(runs.REPO, "train", "configs", runs.FLAGFILES[regime])) as f:
+                lines = [line.strip() for line in f if line.startswith("--")]
+            return {line for line in lines if not line.startswith("--model_dir")}
+
+        # The semi flagfile is the limited one plus the unlabelled data.
+        self.assertEqual(
+            flags("semi") - flags("limited"),
+            {"--unlabeled=cluttered_digits", "--unlabeled_split=train"},
+        )
+        self.assertEqual(flags("limited") - flags("semi"), set())
 
     def test_holdout_commands_never_read_the_test_split(self):
         plain = runs.train_command("full", "plain", 0, "/r")
@@ -44,6 +67,9 @@ class ReproduceTest(tf.test.TestCase):
         self.assertIn("--dataset=cluttered_digits_holdout", limited)
         self.assertFalse([flag for flag in limited if flag.startswith("--unlabeled")])
         self.assertEqual(limited[-1], "--lambda_=1")
+        plain_semi = runs.train_command("semi", "plain", 0, "/r", holdout=True)
+        self.assertIn("--dataset=cluttered_digits_holdout", plain_semi)
+        self.assertFalse([flag for flag in plain_semi if "unlabeled" in flag])
         semi = runs.train_command("semi", "cgc", 0, "/r", holdout=True)
         self.assertIn("--dataset=cluttered_digits_holdout", semi)
         self.assertIn("--unlabeled=cluttered_digits_holdout", semi)
