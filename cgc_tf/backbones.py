@@ -5,9 +5,14 @@ Every builder returns a functional `keras.Model` mapping float32 images
 cross-entropy both work on logits). ImageNet mean/std normalisation is the
 first layer, so callers never preprocess by hand.
 
-Keras ships ResNet-50 (`keras.applications`) but no ResNet-18/34, so those are
-built here from basic blocks with keras.applications' layer naming
-(`conv5_block2_out` ...), which keeps target-layer names uniform across depths.
+ResNet-18/34/50 are torchvision's (the reference's) architecture, layer for layer:
+convolutions padded symmetrically as torch pads them, no conv biases, ResNet-50 in
+its v1.5 form (stride in the bottleneck's 3x3 convolution), torch's BatchNorm
+epsilon and momentum and torch's initialisers; tests/reference_parity_test.py checks
+them against the reference's own PyTorch model. Layer names follow
+keras.applications (`conv5_block2_out` ...), which keeps target-layer names uniform
+across depths. `small_resnet` (for 32-48 px images; no torch counterpart) keeps
+the "keras" block layout: TF "same" padding, each block starting as the identity.
 """
 
 import keras
@@ -56,27 +61,119 @@ def _normalized_input(input_shape, input_normalization="imagenet"):
     return inputs, x
 
 
-def _basic_block(x, filters, stride, name):
-    """ResNet v1 basic block (two 3x3 convs) with projection shortcut when needed."""
+# Block layouts of `basic_resnet` (see its docstring).
+LAYOUTS = ("torchvision", "keras")
+# torch.nn.BatchNorm2d's defaults: eps 1e-5 and momentum 0.1, which is Keras'
+# momentum 0.9 (Keras weighs the old moving statistic, torch the new batch one).
+_TORCH_BATCH_NORM = {"epsilon": 1e-5, "momentum": 0.9}
+# keras.applications' values (Keras' default momentum 0.99).
+_KERAS_BATCH_NORM = {"epsilon": 1.001e-5}
+
+
+def _torch_conv(x, filters, kernel_size, stride, name):
+    """Conv2D without bias, padded as torch pads (kernel_size // 2 on every side).
+
+    TF's padding="same" pads (0 before, 1 after) for a stride-2 3x3 convolution of
+    an even input, torch pads (1, 1): identical weights would give feature maps
+    shifted by one input pixel. Explicit zero padding + "valid" is torch's layout.
+    """
+    if kernel_size > 1:
+        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=stride,
+        use_bias=False,
+        # torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+        kernel_initializer=keras.initializers.VarianceScaling(
+            2.0, "fan_out", "untruncated_normal"
+        ),
+        name=f"{name}_conv",
+    )(x)
+
+
+def _torch_batch_norm(x, name):
+    return keras.layers.BatchNormalization(**_TORCH_BATCH_NORM, name=name)(x)
+
+
+def _basic_block(x, filters, stride, name, layout):
+    """ResNet basic block (two 3x3 convs) with a projection shortcut when needed."""
     shortcut = x
-    if stride != 1 or x.shape[-1] != filters:
-        shortcut = keras.layers.Conv2D(
-            filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv"
+    if layout == "torchvision":
+        if stride != 1 or x.shape[-1] != filters:
+            shortcut = _torch_conv(x, filters, 1, stride, f"{name}_0")
+            shortcut = _torch_batch_norm(shortcut, f"{name}_0_bn")
+        x = _torch_conv(x, filters, 3, stride, f"{name}_1")
+        x = _torch_batch_norm(x, f"{name}_1_bn")
+        x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+        x = _torch_conv(x, filters, 3, 1, f"{name}_2")
+        # gamma starts at 1, as torchvision's default zero_init_residual=False.
+        x = _torch_batch_norm(x, f"{name}_2_bn")
+    else:
+        if stride != 1 or x.shape[-1] != filters:
+            shortcut = keras.layers.Conv2D(
+                filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv"
+            )(x)
+            shortcut = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_0_bn")(
+                shortcut
+            )
+        x = keras.layers.Conv2D(
+            filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv"
         )(x)
-        shortcut = keras.layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_0_bn")(
-            shortcut
-        )
-    x = keras.layers.Conv2D(
-        filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv"
-    )(x)
-    x = keras.layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_1_bn")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(x)
-    x = keras.layers.BatchNormalization(
-        epsilon=1.001e-5, gamma_initializer="zeros", name=f"{name}_2_bn"
-    )(x)
+        x = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_1_bn")(x)
+        x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+        x = keras.layers.Conv2D(
+            filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv"
+        )(x)
+        # gamma starts at 0: each block starts as the identity.
+        x = keras.layers.BatchNormalization(
+            **_KERAS_BATCH_NORM, gamma_initializer="zeros", name=f"{name}_2_bn"
+        )(x)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def _bottleneck_block(x, filters, stride, name):
+    """torchvision's Bottleneck (ResNet v1.5): 1x1, 3x3 with the stride, 1x1 (x4)."""
+    shortcut = x
+    if stride != 1 or x.shape[-1] != 4 * filters:
+        shortcut = _torch_conv(x, 4 * filters, 1, stride, f"{name}_0")
+        shortcut = _torch_batch_norm(shortcut, f"{name}_0_bn")
+    x = _torch_conv(x, filters, 1, 1, f"{name}_1")
+    x = _torch_batch_norm(x, f"{name}_1_bn")
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = _torch_conv(x, filters, 3, stride, f"{name}_2")
+    x = _torch_batch_norm(x, f"{name}_2_bn")
+    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = _torch_conv(x, 4 * filters, 1, 1, f"{name}_3")
+    x = _torch_batch_norm(x, f"{name}_3_bn")
+    x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+    return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def _torch_stem(x, filters):
+    """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool, all padded as torch (/4).
+
+    torch pads the max-pool with -inf; zeros are equivalent after the ReLU.
+    """
+    x = _torch_conv(x, filters, 7, 2, "conv1")
+    x = _torch_batch_norm(x, "conv1_bn")
+    x = keras.layers.Activation("relu", name="conv1_relu")(x)
+    x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+
+
+def _torch_head(x, num_classes):
+    """Global average pool and torch.nn.Linear (with torch's default init)."""
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    # torch.nn.Linear: weight and bias uniform in +-1/sqrt(fan_in).
+    bound = 1.0 / float(x.shape[-1]) ** 0.5
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+        bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+        name="predictions",
+    )(x)
 
 
 def basic_resnet(
@@ -87,9 +184,10 @@ def basic_resnet(
     stem_filters=64,
     stem_downsample=True,
     input_normalization="imagenet",
+    layout="torchvision",
     name="resnet",
 ):
-    """Builds a ResNet v1 of basic blocks.
+    """Builds a ResNet of basic blocks.
 
     Args:
       input_shape: (H, W, 3) of the float32 images in [0, 1].
@@ -101,6 +199,11 @@ def basic_resnet(
         a 3x3 stride-1 stem for small images when False.
       input_normalization: "imagenet" (channel mean/std of ImageNet) or
         "per_image" (every image's channels standardised over its pixels).
+      layout: "torchvision" (torchvision's ResNet: convolutions padded
+        symmetrically, kaiming-normal init, BN epsilon 1e-5 and torch momentum
+        0.1, last BN gamma of each block initialised to 1, torch's Linear init) or
+        "keras" (TF padding="same", Keras initialisers, BN epsilon 1.001e-5 and
+        Keras momentum 0.99, last BN gamma of each block initialised to 0).
       name: model name.
 
     Returns:
@@ -112,25 +215,41 @@ def basic_resnet(
             f"blocks_per_stage {blocks_per_stage} and filters_per_stage "
             f"{filters_per_stage} must have the same length"
         )
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not known; choose one of {LAYOUTS}")
     inputs, x = _normalized_input(input_shape, input_normalization)
-    if stem_downsample:
-        x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
-        x = keras.layers.Conv2D(stem_filters, 7, strides=2, use_bias=False, name="conv1_conv")(x)
+    if stem_downsample and layout == "torchvision":
+        x = _torch_stem(x, stem_filters)
+    elif layout == "torchvision":
+        x = _torch_conv(x, stem_filters, 3, 1, "conv1")
+        x = _torch_batch_norm(x, "conv1_bn")
+        x = keras.layers.Activation("relu", name="conv1_relu")(x)
     else:
-        x = keras.layers.Conv2D(
-            stem_filters, 3, padding="same", use_bias=False, name="conv1_conv"
-        )(x)
-    x = keras.layers.BatchNormalization(epsilon=1.001e-5, name="conv1_bn")(x)
-    x = keras.layers.Activation("relu", name="conv1_relu")(x)
-    if stem_downsample:
-        x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
-        x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+        if stem_downsample:
+            x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
+            x = keras.layers.Conv2D(
+                stem_filters, 7, strides=2, use_bias=False, name="conv1_conv"
+            )(x)
+        else:
+            x = keras.layers.Conv2D(
+                stem_filters, 3, padding="same", use_bias=False, name="conv1_conv"
+            )(x)
+        x = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name="conv1_bn")(x)
+        x = keras.layers.Activation("relu", name="conv1_relu")(x)
+        if stem_downsample:
+            x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+            x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
     for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, filters_per_stage)):
         for block in range(blocks):
             stride = 2 if (stage > 0 and block == 0) else 1
-            x = _basic_block(x, filters, stride, name=f"conv{stage + 2}_block{block + 1}")
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    logits = keras.layers.Dense(num_classes, name="predictions")(x)
+            x = _basic_block(
+                x, filters, stride, name=f"conv{stage + 2}_block{block + 1}", layout=layout
+            )
+    if layout == "torchvision":
+        logits = _torch_head(x, num_classes)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        logits = keras.layers.Dense(num_classes, name="predictions")(x)
     return keras.Model(inputs, logits, name=name)
 
 
@@ -148,6 +267,7 @@ def small_resnet(input_shape=(48, 48, 3), num_classes=10, weights=None):
         stem_filters=16,
         stem_downsample=False,
         input_normalization="per_image",
+        layout="keras",
         name="small_resnet",
     )
     return _maybe_load(model, weights)
@@ -170,13 +290,16 @@ def resnet34(input_shape=(224, 224, 3), num_classes=1000, weights=None):
 
 
 def resnet50(input_shape=(224, 224, 3), num_classes=1000, weights=None):
-    """ResNet-50 from keras.applications (random init); target layer `conv5_block3_out`."""
+    """torchvision's ResNet-50 (v1.5: the stride is in the 3x3 convolution of the
+    bottleneck, no conv biases); keras.applications' layer names; target layer
+    `conv5_block3_out` (7x7x2048 at 224)."""
     inputs, x = _normalized_input(input_shape)
-    trunk = keras.applications.ResNet50(
-        include_top=False, weights=None, input_tensor=x, pooling="avg"
-    )
-    logits = keras.layers.Dense(num_classes, name="predictions")(trunk.output)
-    model = keras.Model(inputs, logits, name="resnet50")
+    x = _torch_stem(x, 64)
+    for stage, (blocks, filters) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+        for block in range(blocks):
+            stride = 2 if (stage > 0 and block == 0) else 1
+            x = _bottleneck_block(x, filters, stride, name=f"conv{stage + 2}_block{block + 1}")
+    model = keras.Model(inputs, _torch_head(x, num_classes), name="resnet50")
     return _maybe_load(model, weights)
 
 

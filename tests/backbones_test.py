@@ -33,6 +33,52 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
         # moving statistics too (9,600 of them).
         self.assertEqual(model.count_params(), 11_689_512 + 9_600)
 
+    def test_torchvision_parameter_counts(self):
+        # torchvision's published counts (BN gamma/beta included, no conv biases);
+        # Keras adds the BN moving statistics as non-trainable weights.
+        for arch, count in (("resnet34", 21_797_672), ("resnet50", 25_557_032)):
+            model, _ = backbones.build(arch, (64, 64, 3), num_classes=1000)
+            trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+            self.assertEqual(trainable, count, arch)
+
+    def test_stride_two_convolutions_pad_as_torch(self):
+        # A kernel reading only its top-left tap outputs the padded input at (2i, 2j),
+        # i.e. input (2i - 1, 2j - 1) with torch's one-pixel padding on every side
+        # (TF's "same" would give input (2i, 2j) on this even input).
+        model, _ = backbones.build("resnet18", (64, 64, 3), num_classes=2)
+        pad = model.get_layer("conv3_block1_1_pad")
+        conv = model.get_layer("conv3_block1_1_conv")
+        kernel = np.zeros(conv.kernel.shape, np.float32)
+        kernel[0, 0, 0, 0] = 1.0
+        conv.kernel.assign(kernel)
+        strided = keras.Model(pad.input, conv.output)
+        features = np.random.default_rng(0).normal(size=(1, 16, 16, 64)).astype(np.float32)
+        expected = np.zeros((1, 8, 8), np.float32)
+        expected[:, 1:, 1:] = features[:, 1:-1:2, 1:-1:2, 0]
+        self.assertAllClose(strided(features)[..., 0], expected)
+
+    @parameterized.parameters("resnet18", "resnet50")
+    def test_batch_norm_as_torch(self, arch):
+        model, _ = backbones.build(arch, (64, 64, 3), num_classes=2)
+        norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+        self.assertNotEmpty(norms)
+        for layer in norms:
+            self.assertEqual((layer.epsilon, layer.momentum), (1e-5, 0.9), layer.name)
+            # torchvision's zero_init_residual=False: every gamma starts at 1.
+            self.assertAllEqual(layer.gamma, np.ones(layer.gamma.shape), layer.name)
+
+    def test_resnet50_strides_in_the_three_by_three(self):
+        model, _ = backbones.build("resnet50", (64, 64, 3), num_classes=2)
+        self.assertEqual(model.get_layer("conv3_block1_1_conv").strides, (1, 1))
+        self.assertEqual(model.get_layer("conv3_block1_2_conv").strides, (2, 2))
+        self.assertEqual(model.get_layer("conv3_block1_0_conv").strides, (2, 2))
+        self.assertFalse(model.get_layer("conv3_block1_2_conv").use_bias)
+
+    def test_small_resnet_keeps_the_keras_layout(self):
+        model = backbones.small_resnet((32, 32, 3), num_classes=10)
+        self.assertEqual(model.get_layer("conv3_block1_1_conv").padding, "same")
+        self.assertAllEqual(model.get_layer("conv3_block1_2_bn").gamma, np.zeros(32))
+
     def test_local_weights_with_new_head(self):
         source, _ = backbones.build("small_resnet", (32, 32, 3), num_classes=10)
         path = os.path.join(tempfile.mkdtemp(), "source.weights.h5")
@@ -67,6 +113,8 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
     def test_errors(self):
         with self.assertRaisesRegex(ValueError, "input_normalization='zca'"):
             backbones.basic_resnet((32, 32, 3), 2, (1,), (8,), input_normalization="zca")
+        with self.assertRaisesRegex(ValueError, "layout='caffe'"):
+            backbones.basic_resnet((32, 32, 3), 2, (1,), (8,), layout="caffe")
         with self.assertRaisesRegex(ValueError, "arch='vgg'"):
             backbones.build("vgg", (32, 32, 3), 2)
         with self.assertRaisesRegex(ValueError, "weights='imagenet'"):
