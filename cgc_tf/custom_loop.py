@@ -128,13 +128,23 @@ def train(
         )
     chief = distribute.is_chief(strategy)
 
+    # dataset_fn runs once per local input pipeline, here (the strategy builds the
+    # datasets eagerly); a sharded dataset_fn must not be called again with a
+    # default InputContext, which would read (and decode) the whole dataset.
+    element_specs = []
+
+    def recording_dataset_fn(input_context):
+        dataset = dataset_fn(input_context)
+        element_specs.append(dataset.element_spec)
+        return dataset
+
+    distributed_dataset = strategy.distribute_datasets_from_function(recording_dataset_fn)
     with strategy.scope():
         # All state must exist before tracing (strategy.run cannot create
         # distributed variables) and before restoring. Keras's fit builds it the
         # same way, from symbolic tensors shaped like a batch: the optimizer slots
         # and the compiled metrics (a private method; there is no public one).
-        element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
-        model._symbolic_build(data_batch=element_spec)  # pylint: disable=protected-access
+        model._symbolic_build(data_batch=element_specs[0])  # pylint: disable=protected-access
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -156,7 +166,7 @@ def train(
     manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=1)
 
     step_function = _make_step_function(model, strategy)
-    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    iterator = iter(distributed_dataset)
 
     callback_list = list(callbacks or [])
     if chief and csv_path:

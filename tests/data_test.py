@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from unittest import mock
 
+from absl.testing import parameterized
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from cgc_tf import data
 from cgc_tf.data import cluttered_digits
+from cgc_tf.data import sources
 from cgc_tf.data import views
 
 IMAGE_SIZE = 32
@@ -126,6 +128,41 @@ class ClutteredDigitsTest(tf.test.TestCase):
         self.assertEqual(self.info.splits, {"train": 5748, "test": 720})
         self.assertEqual((self.info.train_split, self.info.eval_split), ("train", "test"))
         self.assertTrue(self.info.has_bounding_boxes)
+
+    def test_shards_are_disjoint_record_ranges_that_cover_the_split(self):
+        source = sources.resolve("cluttered_digits", self.data_dir, IMAGE_SIZE)
+        names, _ = source.label_index("train")
+        subset = [str(name) for name in names[::97]]
+        for num_shards in (2, 3):
+            for selection in (None, subset):
+                shares = [
+                    source.records("train", names=selection, num_shards=num_shards,
+                                   shard_index=index)
+                    for index in range(num_shards)
+                ]
+                read = [
+                    [record["name"].decode() for record in share.read().as_numpy_iterator()]
+                    for share in shares
+                ]
+                everything = sum(read, [])
+                wanted = list(names) if selection is None else selection
+                self.assertCountEqual(everything, wanted)
+                self.assertLen(set(everything), len(everything))
+                self.assertEqual([share.num_examples for share in shares], [len(r) for r in read])
+                sizes = [len(r) for r in read]
+                self.assertLessEqual(max(sizes) - min(sizes), 1)
+
+    def test_sharded_pipeline_decodes_its_share_once(self):
+        stats = data.InputStats()
+        shard = data.train_dataset(
+            "cluttered_digits", 64, IMAGE_SIZE, data_dir=self.data_dir, num_shards=3,
+            shard_index=1, input_stats=stats, classification_view=False,
+        )
+        for _ in range(2):
+            batches = sum(1 for _ in shard)
+        self.assertEqual(stats.examples_per_epoch, 5748 // 3)
+        self.assertEqual(batches, (5748 // 3) // 64)
+        self.assertEqual(stats.images_decoded, 5748 // 3)  # cached after the first pass
 
     def test_train_batches(self):
         dataset = data.train_dataset("cluttered_digits", 8, IMAGE_SIZE, data_dir=self.data_dir)
@@ -353,7 +390,7 @@ class TfdsTest(tf.test.TestCase):
             data.dataset_info("folder:/no/such/folder")
 
 
-class FolderTest(tf.test.TestCase):
+class FolderTest(tf.test.TestCase, parameterized.TestCase):
     def setUp(self):
         super().setUp()
         self.root = _temporary_directory(self)
@@ -448,6 +485,45 @@ class FolderTest(tf.test.TestCase):
         batches = list(data.unlabeled_dataset(f"folder:{flat}", 2, 16))
         self.assertLen(batches, 1)
         self.assertAllClose(batches[0]["image"], tf.fill([2, 16, 16, 3], 50 / 255), atol=1e-6)
+
+    @parameterized.parameters(2, 3)
+    def test_shards_cover_the_epoch_once_and_decode_only_their_share(self, num_shards):
+        expected = sorted(value for path, value in self.value.items() if "train" in path)
+        seen, decoded = [], []
+        for index in range(num_shards):
+            stats = data.InputStats()
+            shard = data.train_dataset(
+                self.dataset, 1, 16, seed=1, drop_remainder=False, num_shards=num_shards,
+                shard_index=index, input_stats=stats, classification_view=False,
+            )
+            for _ in range(2):  # two epochs: the cached share is decoded once
+                values = self._values(tf.concat([f["image"] for f, _ in shard], 0))
+            seen += values
+            self.assertEqual(stats.examples_per_epoch, len(values))
+            # Validation pass + the pipeline's one decode, of this share only.
+            self.assertEqual(stats.images_decoded, 2 * len(values))
+            decoded.append(stats.images_decoded)
+        self.assertEqual(sorted(seen), expected)  # every example once, no duplicates
+        self.assertLessEqual(max(decoded) - min(decoded), 2)
+        with self.assertRaisesRegex(ValueError, "shard_index=3 must be < num_shards=3"):
+            data.train_dataset(self.dataset, 1, 16, num_shards=3, shard_index=3)
+
+    def test_sharded_unlabeled_streams_are_disjoint(self):
+        values = [
+            self._values(batch["image"])
+            for index in range(2)
+            for batch in data.unlabeled_dataset(
+                self.dataset, 6, 16, split="train", num_shards=2, shard_index=index
+            )
+        ]
+        self.assertEqual(sorted(values[0] + values[1]), sorted(
+            value for path, value in self.value.items() if "train" in path
+        ))
+
+    def test_input_stats_outside_a_strategy_only(self):
+        with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+            with self.assertRaisesRegex(ValueError, "outside a tf.distribute strategy scope"):
+                data.InputStats()
 
     def test_argument_errors_name_the_argument(self):
         with self.assertRaisesRegex(ValueError, "batch_size=13 is larger than the 12 examples"):

@@ -329,13 +329,14 @@ def _worker_main(argv):
             data_dir=args.data_dir,
             classification_view=False,
             seed=0,
-            # A full-split buffer would decode all 5,748 images before the first step.
+            # A full-split buffer would decode the worker's whole share before the
+            # first step.
             shuffle_buffer=32,
+            # Each worker reads and decodes only its share of the records.
+            num_shards=input_context.num_input_pipelines,
+            shard_index=input_context.input_pipeline_id,
         )
-        # Same seed on every worker, so the shuffled batch order agrees and the
-        # shards are disjoint.
-        shard = batches.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        return shard.repeat()
+        return batches.repeat()
 
     history = custom_loop.train(
         model,

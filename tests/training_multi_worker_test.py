@@ -31,6 +31,7 @@ from tests import testing_processes
 _IMAGE_SIZE = 16
 _STEPS_PER_EPOCH = 2
 _RESULT_PREFIX = "worker result: "
+_TRAIN_EXAMPLES = 5748  # the embedded dataset's train split
 # One two-worker launch on a loaded 2-core machine: two TensorFlow start-ups, the
 # embedded dataset's first build (first launch), two tiny epochs and the chief's
 # final evaluation. A hung collective fails the test instead of the CI.
@@ -132,6 +133,23 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
             self.assertAllEqual(worker_weight, chief_weight)
         return weights
 
+    def _check_input_stats(self, num_workers):
+        """Each worker decoded only its share of the embedded train split (5,748 images)."""
+        directory = os.path.join(self.model_dir, training.INPUT_STATS_DIR)
+        self.assertCountEqual(
+            os.listdir(directory), [f"worker-{index}.json" for index in range(num_workers)]
+        )
+        shares = []
+        for index in range(num_workers):
+            with open(os.path.join(directory, f"worker-{index}.json")) as file:
+                stats = json.load(file)
+            self.assertEqual((stats["num_shards"], stats["shard_index"]), (num_workers, index))
+            # The cached share is decoded once (the shuffle buffer holds all of it).
+            self.assertEqual(stats["images_decoded"], stats["examples_per_epoch"])
+            self.assertLessEqual(stats["images_decoded"], 1.05 * _TRAIN_EXAMPLES / num_workers)
+            shares.append(stats["examples_per_epoch"])
+        self.assertEqual(sum(shares), _TRAIN_EXAMPLES)
+
     def _epochs_logged(self):
         rows = multi_worker_test._read_csv(os.path.join(self.model_dir, training.LOG_FILE))
         return [int(row["epoch"]) for row in rows]
@@ -142,8 +160,10 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.assertCountEqual(
             os.listdir(self.model_dir),
             ["config.json", "model.keras", "metrics.json", "log.csv", "checkpoints", "tensorboard",
+             training.INPUT_STATS_DIR,  # every worker's own file
              run_lock.LOCK_FILE],  # the chief's lock; the other worker takes none
         )
+        self._check_input_stats(num_workers=2)
         self.assertEqual(self._epochs_logged(), [0, 1])
         checkpoint_dir = os.path.join(self.model_dir, training.MULTI_WORKER_DIR)
         self.assertEqual(custom_loop.completed_epochs(checkpoint_dir), 2)

@@ -13,6 +13,7 @@ Public API:
   unlabeled_dataset             {"image"} batches.
   semi_supervised_dataset       ((x_l, y_l), x_u) with the unlabelled stream repeated.
   CorruptImageCounter           distinct corrupt files skipped (skip_corrupt_images=True).
+  InputStats                    images a (sharded) training pipeline decoded.
 
 Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
 file policy), `views` (METHOD.md views), `pipeline` (the builders). Importing
@@ -28,6 +29,7 @@ from cgc_tf.data import sources
 from cgc_tf.data import views
 from cgc_tf.data.decode import CorruptImageCounter
 from cgc_tf.data.pipeline import eval_dataset
+from cgc_tf.data.pipeline import InputStats
 from cgc_tf.data.pipeline import labelled_subset
 from cgc_tf.data.pipeline import semi_supervised_dataset
 from cgc_tf.data.pipeline import train_dataset
@@ -38,6 +40,7 @@ from cgc_tf.data.sources import DatasetInfo
 __all__ = [
     "CorruptImageCounter",
     "DatasetInfo",
+    "InputStats",
     "cluttered_digits",
     "dataset_info",
     "decode",

@@ -21,6 +21,10 @@ view alone needs less than the classification view, so for a very large JPEG the
 training and evaluation pipelines may decode at different scales and their
 deterministic views then differ by resampling noise.
 
+Sharding (several input pipelines, e.g. one per worker): `num_shards` and
+`shard_index` split the records before decoding (`sources`: file lists for
+folders, record ranges for tfds), so each pipeline decodes only its share.
+
 Randomness: `seed` fixes the per-class subset, the shuffling order of every epoch
 and the classification-view crops; shuffling and crops change from epoch to epoch
 (`reshuffle_each_iteration`, `Dataset.random(rerandomize_each_iteration=True)`).
@@ -63,12 +67,65 @@ def _counter_for(skip_corrupt_images, corrupt_image_counter):
     return corrupt_image_counter
 
 
-def _decode(records, skip_corrupt_images, counter, min_short_side):
+class InputStats:
+    """What one input pipeline decoded, for `model_dir/input_stats/worker-<index>.json`.
+
+    Pass one to `train_dataset` (and `unlabeled_dataset`): every image the
+    pipeline decodes is counted as it happens (a counter variable incremented
+    in the tf.data decode step, repeated epochs included), and so are the full
+    decodes of a folder's validation pass. Create it outside any
+    `tf.distribute` strategy scope: its counter must be a plain local variable.
+
+    Attributes:
+      examples_per_epoch: int, the labelled examples in this pipeline's share
+        of the training split (set by `train_dataset`).
+      num_shards, shard_index: the share this pipeline read (set by `train_dataset`).
+    """
+
+    def __init__(self):
+        if tf.distribute.has_strategy():
+            raise ValueError(
+                "InputStats() must be created outside a tf.distribute strategy scope "
+                f"(inside {type(tf.distribute.get_strategy()).__name__}'s scope its counter "
+                "would become a distributed variable)"
+            )
+        self._decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="images_decoded")
+        self._validation_decodes = 0
+        self.examples_per_epoch = 0
+        self.num_shards, self.shard_index = 1, 0
+
+    def count_decode(self):
+        """Adds one decoded image (an op for tf.data graphs); returns the update."""
+        return self._decoded.assign_add(1)
+
+    def add_validation_decodes(self, records):
+        """Counts the images a folder's validation pass decoded to build `records`."""
+        self._validation_decodes += records.validation_decodes
+
+    @property
+    def images_decoded(self):
+        """int: images decoded so far, by the pipeline and by validation passes."""
+        return int(self._decoded.numpy()) + self._validation_decodes
+
+    def as_dict(self):
+        """JSON-serialisable dict: images_decoded, examples_per_epoch, num_shards, shard_index."""
+        return {
+            "images_decoded": self.images_decoded,
+            "examples_per_epoch": self.examples_per_epoch,
+            "num_shards": self.num_shards,
+            "shard_index": self.shard_index,
+        }
+
+
+def _decode(records, skip_corrupt_images, counter, min_short_side, input_stats=None):
     """Maps record dicts to example dicts with `image` uint8 [H, W, 3]."""
 
     def decode_record(record):
         example = dict(record)
         encoded = example.pop("encoded", None)
+        if input_stats is not None:
+            with tf.control_dependencies([input_stats.count_decode()]):
+                example["name"] = tf.identity(example["name"])
         if skip_corrupt_images:
             example["image"], ok = decode.decode_or_skip(
                 example["name"], counter, encoded=encoded, min_short_side=min_short_side
@@ -98,11 +155,15 @@ def _should_cache(records):
 
 
 def _decoded_examples(records, shuffle, seed, shuffle_buffer, skip_corrupt_images, counter,
-                      min_short_side):
+                      min_short_side, input_stats=None):
     """Decoded (and, for training, shuffled) examples; cached when small."""
+    if input_stats is not None:
+        input_stats.add_validation_decodes(records)
     if _should_cache(records):
         # The cache is filled in stored order; shuffling happens after it.
-        dataset = _decode(records.read(), skip_corrupt_images, counter, min_short_side).cache()
+        dataset = _decode(
+            records.read(), skip_corrupt_images, counter, min_short_side, input_stats
+        ).cache()
         if shuffle:
             buffer = max(1, min(shuffle_buffer, records.num_examples))
             dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
@@ -110,7 +171,7 @@ def _decoded_examples(records, shuffle, seed, shuffle_buffer, skip_corrupt_image
     dataset = records.read(shuffle_files=shuffle, seed=seed)
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return _decode(dataset, skip_corrupt_images, counter, min_short_side)
+    return _decode(dataset, skip_corrupt_images, counter, min_short_side, input_stats)
 
 
 def _per_class_subset(source, split, examples_per_class, seed):
@@ -166,16 +227,22 @@ def labelled_subset(dataset, examples_per_class, seed, image_size, data_dir=None
     return {"split": split, "examples": examples}
 
 
-def _seeded(dataset, seed):
-    """Zips a stateless seed int64 [2] to every element, different every epoch."""
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+def _seeded(dataset, seed, num_shards=1, shard_index=0):
+    """Zips a stateless seed int64 [2] to every element, different every epoch.
+
+    Each shard gets its own stream, so the k-th example of every shard does
+    not get the same classification-view crop.
+    """
+    stream_seed = seed * num_shards + shard_index
+    seeds = tf.data.Dataset.random(seed=stream_seed, rerandomize_each_iteration=True).batch(2)
     return tf.data.Dataset.zip((dataset, seeds))
 
 
 def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
                   examples_per_class=None, seed=0, classification_view=True,
                   shuffle_buffer=10000, skip_corrupt_images=False, drop_remainder=True, *,
-                  corrupt_image_counter=None, subset_seed=None):
+                  corrupt_image_counter=None, num_shards=1, shard_index=0, input_stats=None,
+                  subset_seed=None):
     """The labelled training stream: one pass over the split per iteration.
 
     Args:
@@ -194,6 +261,15 @@ def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
       skip_corrupt_images: skip and count corrupt images instead of failing.
       drop_remainder: drop the last incomplete batch (static shapes).
       corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+      num_shards: int >= 1, the number of input pipelines (workers) sharing the
+        split.
+      shard_index: int in [0, num_shards), this pipeline's share: the records
+        (files or record ranges, see `sources`) are split before anything is
+        decoded, so the shares are disjoint, cover the split (or the per-class
+        subset) and differ in size by at most one example. Each pipeline
+        shuffles its share with `seed`.
+      input_stats: optional `InputStats` that counts the decoded images and
+        records this share's size.
       subset_seed: int >= 0 or None (= `seed`): the seed of the per-class subset.
         A run passes its own seed here and a per-epoch one as `seed`, so that a
         resumed run trains on the same examples.
@@ -223,15 +299,21 @@ def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
     min_short_side = views.min_decoded_side(image_size, classification_view)
     records = source.records(
         split, names=names, skip_corrupt_images=skip_corrupt_images, counter=counter,
-        min_short_side=min_short_side,
+        min_short_side=min_short_side, num_shards=num_shards, shard_index=shard_index,
     )
     if drop_remainder and records.num_examples < batch_size:
+        share = f"shard {shard_index} of {num_shards} of " if num_shards > 1 else ""
         raise ValueError(
             f"batch_size={batch_size} is larger than the {records.num_examples} examples of "
-            f"split {split!r} of {dataset!r}: with drop_remainder=True no batch is produced"
+            f"{share}split {split!r} of {dataset!r}: with drop_remainder=True no batch is "
+            "produced"
         )
+    if input_stats is not None:
+        input_stats.examples_per_epoch = records.num_examples
+        input_stats.num_shards, input_stats.shard_index = num_shards, shard_index
     examples = _decoded_examples(
-        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side
+        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side,
+        input_stats,
     )
 
     def make_views(example, element_seed):
@@ -243,7 +325,9 @@ def train_dataset(dataset, batch_size, image_size, data_dir=None, split=None,
             )
         return features, tf.cast(example["label"], tf.int32)
 
-    dataset_out = _seeded(examples, seed).map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset_out = _seeded(examples, seed, num_shards, shard_index).map(
+        make_views, num_parallel_calls=tf.data.AUTOTUNE
+    )
     dataset_out = dataset_out.batch(batch_size, drop_remainder=drop_remainder)
     return dataset_out.prefetch(tf.data.AUTOTUNE)
 
@@ -340,7 +424,7 @@ def eval_dataset(dataset, batch_size, image_size, data_dir=None, split=None, wit
 
 def unlabeled_dataset(source, batch_size, image_size, data_dir=None, split=None, seed=0, *,
                       shuffle_buffer=10000, skip_corrupt_images=False,
-                      corrupt_image_counter=None):
+                      corrupt_image_counter=None, num_shards=1, shard_index=0, input_stats=None):
     """Images without labels, for the semi-supervised CGC term.
 
     Args:
@@ -355,6 +439,9 @@ def unlabeled_dataset(source, batch_size, image_size, data_dir=None, split=None,
       shuffle_buffer: int >= 1.
       skip_corrupt_images: skip and count corrupt images instead of failing.
       corrupt_image_counter: a `CorruptImageCounter` that records skipped files.
+      num_shards, shard_index: this pipeline's share of the images, split
+        before decoding (see `train_dataset`).
+      input_stats: optional `InputStats` that counts the decoded images.
 
     Returns:
       tf.data.Dataset of {"image": float32 [B, S, S, 3] in [0, 1]} (the
@@ -374,7 +461,7 @@ def unlabeled_dataset(source, batch_size, image_size, data_dir=None, split=None,
     min_short_side = views.min_decoded_side(image_size, False)
     records = resolved.records(
         split, labeled=False, skip_corrupt_images=skip_corrupt_images, counter=counter,
-        min_short_side=min_short_side,
+        min_short_side=min_short_side, num_shards=num_shards, shard_index=shard_index,
     )
     if records.num_examples < batch_size:
         raise ValueError(
@@ -382,7 +469,8 @@ def unlabeled_dataset(source, batch_size, image_size, data_dir=None, split=None,
             f"images of split {split!r} of {source!r}: no complete batch is produced"
         )
     examples = _decoded_examples(
-        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side
+        records, True, seed, shuffle_buffer, skip_corrupt_images, counter, min_short_side,
+        input_stats,
     )
     dataset_out = examples.map(
         lambda example: {"image": views.deterministic_view(example["image"], image_size)},

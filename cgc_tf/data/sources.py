@@ -94,11 +94,24 @@ class Records:
       num_examples: int, the number of records (before any decoding failure).
       decoded_bytes: estimated total bytes of the decoded uint8 images, or None
         when unknown (the dataset is then treated as large: not cached).
+      validation_decodes: int, images decoded in full by the validation pass
+        that built these records (folders of at most
+        `decode.FULL_VALIDATION_MAX_BYTES`; 0 for tfds).
     """
 
     read: Callable[..., tf.data.Dataset]
     num_examples: int
     decoded_bytes: Optional[int]
+    validation_decodes: int = 0
+
+
+def check_shard(num_shards, shard_index):
+    """Raises ValueError unless 0 <= shard_index < num_shards (ints)."""
+    for name, value, minimum in (("num_shards", num_shards, 1), ("shard_index", shard_index, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    if shard_index >= num_shards:
+        raise ValueError(f"shard_index={shard_index} must be < num_shards={num_shards}")
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -244,7 +257,8 @@ class TfdsSource:
         return int(np.mean(sizes) * num_examples)
 
     def records(self, split, names=None, with_boxes=False, labeled=True,
-                skip_corrupt_images=False, counter=None, min_short_side=None):
+                skip_corrupt_images=False, counter=None, min_short_side=None,
+                num_shards=1, shard_index=0):
         """Records of `split` (see the module docstring).
 
         Args:
@@ -255,11 +269,26 @@ class TfdsSource:
           skip_corrupt_images, counter: unused (tfds records are checked when
             decoded); accepted so every source has the same signature.
           min_short_side: decoding hint used to estimate the decoded size.
+          num_shards, shard_index: keep only shard `shard_index` of `num_shards`
+            disjoint shares of the records, chosen before anything is decoded:
+            without `names`, `tfds.even_splits` (contiguous record ranges whose
+            sizes differ by at most one; tfds reads only the record files, and
+            the records within them, that the range covers); with `names`,
+            every `num_shards`-th name (the other records are read and dropped
+            undecoded).
 
         Returns:
           `Records`.
         """
         del skip_corrupt_images, counter
+        check_shard(num_shards, shard_index)
+        if num_shards > 1 and names is None:
+            # Record ranges rather than tfds's file-level sharding
+            # (ReadConfig.input_context): that needs at least one record file per
+            # worker and gives unequal shares when files hold different counts.
+            split = tfds.even_splits(split, n=num_shards)[shard_index]
+        if names is not None:
+            names = list(names)[shard_index::num_shards]
         num_examples = self._num_examples(split)
         if with_boxes and self._box_spec is None:
             raise ValueError(f"dataset {self.info.name!r} has no bounding boxes")
@@ -451,9 +480,13 @@ class FolderSource:
         return np.asarray(paths, dtype=object), labels
 
     def records(self, split, names=None, with_boxes=False, labeled=True,
-                skip_corrupt_images=False, counter=None, min_short_side=None):
+                skip_corrupt_images=False, counter=None, min_short_side=None,
+                num_shards=1, shard_index=0):
         """Validated records of `split`; see `TfdsSource.records` for the arguments.
 
+        With `num_shards` > 1 the sorted file list is split first (every
+        `num_shards`-th file, from `shard_index`), so the validation pass and the
+        pipeline only open this shard's files.
         Runs the validation pass of `cgc_tf.data.decode` on the selected files:
         corrupt files raise a ValueError naming them, or with
         `skip_corrupt_images=True` are dropped and recorded in `counter`. For an
@@ -478,6 +511,8 @@ class FolderSource:
             keep = set(names)
             selected = [i for i, path in enumerate(paths) if path in keep]
             paths, labels = [paths[i] for i in selected], labels[selected]
+        check_shard(num_shards, shard_index)
+        paths, labels = list(paths)[shard_index::num_shards], labels[shard_index::num_shards]
         total_bytes = 0
         for path in paths:
             try:
@@ -515,7 +550,7 @@ class FolderSource:
                 dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
             return dataset
 
-        return Records(read, len(paths), decoded_bytes)
+        return Records(read, len(paths), decoded_bytes, validation_decodes=len(shapes))
 
 
 # ---------------------------------------------------------------------------- public
