@@ -35,6 +35,8 @@ PER_IMAGE_METRICS = (
 )
 # For comparisons: the direction in which each metric is better.
 HIGHER_IS_BETTER = {name: name != "deletion_auc" for name in PER_IMAGE_METRICS}
+# This module's protocol, recorded beside its numbers ("paper": cgc_tf.paper_protocol).
+PROTOCOL = "cgc_tf"
 MODEL_FILENAME = "model.keras"
 CONFIG_FILENAME = "config.json"
 
@@ -633,3 +635,52 @@ def save_grid(
     return visualize.consistency_grid(
         path, np.asarray(images), transformed, explanations, row_titles=row_titles, boxes=boxes
     )
+
+def evaluate_consistency(models, dataset, augmentation, augmentation_seed=0, max_images=None):
+    """Consistency only, for T drawn from `augmentation` (e.g. a training run's crop areas).
+
+    The same images as `evaluate_models` with the same `dataset`; the transforms
+    T differ from its paper-area ones, so the two are reported side by side.
+
+    Args:
+      models: dict name -> model (as in `evaluate_models`).
+      dataset: batches as in `evaluate_models`.
+      augmentation: `cgc_tf.PairedAugmentation`, e.g. `PairedAugmentation(
+        area_range=(transform_min_area, 1.0))`.
+      augmentation_seed: int, seeds T.
+      max_images: optional int >= 1.
+
+    Returns:
+      dict name -> {"consistency_cosine": float, "consistency_pearson": float,
+      "count": int}.
+    """
+    explainers = {name: as_explainer(model) for name, model in models.items()}
+    augmentation = metrics_lib.seeded_augmentation(augmentation, augmentation_seed)
+    values = {name: ([], []) for name in models}
+    num_images = 0
+    for batch in dataset:
+        if max_images is not None and num_images >= max_images:
+            break
+        images, _, _ = _unpack_batch(batch)
+        if max_images is not None:
+            images = images[: max_images - num_images]
+        transform = augmentation.sample(images.shape[0], images.shape[1], images.shape[2])
+        transformed = augmentation.apply_to_images(images, transform)
+        for name, explainer in explainers.items():
+            cosine, pearson = metrics_lib.consistency(
+                explainer, images, augmentation=augmentation, transform=transform,
+                transformed_images=transformed,
+            )
+            values[name][0].append(cosine.numpy())
+            values[name][1].append(pearson.numpy())
+        num_images += int(images.shape[0])
+    if num_images == 0:
+        raise ValueError("the dataset yielded no images to evaluate")
+    return {
+        name: {
+            "consistency_cosine": float(np.mean(np.concatenate(cosines))),
+            "consistency_pearson": float(np.mean(np.concatenate(pearsons))),
+            "count": num_images,
+        }
+        for name, (cosines, pearsons) in values.items()
+    }

@@ -2,10 +2,15 @@
 
   cgc-evaluate --model=cgc_runs/cluttered_digits
   cgc-evaluate --model=runs/cgc --compare=runs/baseline --max_images=500
+  cgc-evaluate --model=runs/cgc --protocol=paper
+  cgc-evaluate --model=runs/imagenet --protocol=paper --annotated_folder=/data/val_flat
 
 Writes metrics.json and grid.png to --output_dir (with --compare also
 comparison.json, and prints the comparison table). Dataset flags default to the
 model_dir's config.json; the image size to the model's input size.
+--protocol=cgc_tf (default) is cgc_tf.evaluation's protocol; --protocol=paper is
+the reference code's (cgc_tf.paper_protocol), written to metrics.json in
+<model_dir>/paper_protocol by default. docs/evaluation.md compares them.
 """
 
 import json
@@ -38,10 +43,47 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the consistency transforms T.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where to write; default: the model_dir, else ./evaluation."
 )
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "cgc_tf", ["cgc_tf", "paper"],
+    "cgc_tf: centre-cropped views (cgc_tf.evaluation); paper: the reference's Content Heatmap "
+    "and RISE insertion/deletion on full images (docs/evaluation.md).",
+)
+_INPUT_RESIZE = flags.DEFINE_integer(
+    "input_resize", None, "Paper protocol: short side (pixels) of the Content Heatmap input; "
+    "default 448, the digits' canvas size for cluttered_digits.", lower_bound=1,
+)
+_ANNOTATED_FOLDER = flags.DEFINE_string(
+    "annotated_folder", None, "Paper protocol: a folder with val/*.JPEG and annotation/*.xml "
+    "(Pascal-VOC boxes); default: the dataset's own boxes (tfds).",
+)
+_CLASS_NAMES = flags.DEFINE_string(
+    "class_names", None, "Paper protocol with --annotated_folder: a text file, one class name "
+    "(e.g. synset) per line in label order; default: the dataset's class names.",
+)
+_TRANSFORM_MIN_AREA = flags.DEFINE_float(
+    "transform_min_area", None, "Consistency is also reported for T with crop areas in "
+    "[this, 1], (0, 1]; default: config.json's transform_min_area (the training T).",
+)
 _GRID_IMAGES = flags.DEFINE_integer(
     "grid_images", 8, "Images (rows) in grid.png, >= 0 (0: no grid).", lower_bound=0
 )
 flags.mark_flag_as_required("model")
+
+
+def _training_augmentation(min_area):
+    import cgc_tf
+
+    return cgc_tf.PairedAugmentation(area_range=(float(min_area), 1.0))
+
+
+def _add_training_consistency(results, extra, min_area):
+    """Labels the default consistency (paper T) and adds the one at the training T."""
+    from cgc_tf import paper_protocol
+
+    results["consistency_transform_area"] = list(paper_protocol.PAPER_TRANSFORM_AREA)
+    results["consistency_cosine_training_transforms"] = extra["consistency_cosine"]
+    results["consistency_pearson_training_transforms"] = extra["consistency_pearson"]
+    results["training_transform_area"] = [float(min_area), 1.0]
 
 
 def _check_path(flag_name, path):
@@ -64,15 +106,39 @@ def _write_json(path, value):
     print(f"wrote {path}")
 
 
+def _paper_examples(dataset, data_dir, image_size):
+    """Example dicts of the paper protocol: --annotated_folder or the dataset's boxes."""
+    from cgc_tf import data
+    from cgc_tf.data import annotated
+
+    if _ANNOTATED_FOLDER.value is None:
+        return annotated.tfds_examples(dataset, data_dir, image_size, _SPLIT.value)
+    if _CLASS_NAMES.value:
+        with open(_CLASS_NAMES.value) as file:
+            class_names = [line.strip() for line in file if line.strip()]
+    else:
+        class_names = data.dataset_info(dataset, data_dir, image_size).class_names
+    return annotated.voc_folder_examples(_ANNOTATED_FOLDER.value, class_names)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
     _check_path("model", _MODEL.value)
     _check_path("compare", _COMPARE.value)
+    _check_path("annotated_folder", _ANNOTATED_FOLDER.value)
+    _check_path("class_names", _CLASS_NAMES.value)
+    paper = _PROTOCOL.value == "paper"
+    if paper and _COMPARE.value:
+        raise app.UsageError("--compare needs --protocol=cgc_tf; evaluate each model with paper")
+    if _TRANSFORM_MIN_AREA.value is not None and not 0 < _TRANSFORM_MIN_AREA.value <= 1:
+        raise app.UsageError(f"--transform_min_area={_TRANSFORM_MIN_AREA.value} must be in (0, 1]")
     # Imported after the flag checks: TensorFlow takes seconds to import.
     import cgc_tf
     from cgc_tf import data
+    from cgc_tf import config as config_lib
     from cgc_tf import evaluation
+    from cgc_tf import paper_protocol
 
     config = evaluation.read_model_dir_config(_MODEL.value)
     dataset = _DATASET.value or config.get("dataset")
@@ -98,6 +164,9 @@ def main(argv):
     output_dir = _OUTPUT_DIR.value or (
         _MODEL.value if os.path.isdir(_MODEL.value) else "evaluation"
     )
+    if paper and not _OUTPUT_DIR.value:  # never overwrite the training's metrics.json
+        output_dir = os.path.join(output_dir, "paper_protocol")
+    min_area = _TRANSFORM_MIN_AREA.value or config.get("transform_min_area")
     os.makedirs(output_dir, exist_ok=True)
     try:
         info = data.dataset_info(dataset, data_dir, image_size)
@@ -111,7 +180,22 @@ def main(argv):
         )
 
     print(f"cgc-tf {cgc_tf.__version__}: evaluating {_MODEL.value} on {dataset} "
-          f"({_SPLIT.value or info.eval_split}, {image_size}x{image_size}, seed {_SEED.value})")
+          f"({_SPLIT.value or info.eval_split}, {image_size}x{image_size}, seed {_SEED.value}, "
+          f"protocol {_PROTOCOL.value})")
+    if paper:
+        digits = dataset in (config_lib.EMBEDDED_DATASET, config_lib.HOLDOUT_DATASET)
+        input_resize = _INPUT_RESIZE.value or (image_size if digits else paper_protocol.INPUT_RESIZE)
+        try:
+            results = paper_protocol.evaluate_paper(
+                models[names[0]], _paper_examples(dataset, data_dir, image_size),
+                input_resize=input_resize, transform_min_area=min_area, seed=_SEED.value,
+                batch_size=_BATCH_SIZE.value, max_images=_MAX_IMAGES.value,
+            )
+        except ValueError as error:
+            raise app.UsageError(str(error)) from error
+        print("\n".join(f"{key:<40}{value}" for key, value in results.items()))
+        _write_json(os.path.join(output_dir, "metrics.json"), results)
+        return
     settings = dict(
         augmentation_seed=_SEED.value, auc_steps=_AUC_STEPS.value, max_images=_MAX_IMAGES.value
     )
@@ -120,12 +204,27 @@ def main(argv):
             models[names[0]], models[names[1]], eval_dataset(), names=names, **settings
         )
         comparison["paths"] = dict(zip(names, paths))
+        comparison["protocol"] = evaluation.PROTOCOL
+        if min_area is not None:
+            extra = evaluation.evaluate_consistency(
+                models, eval_dataset(), _training_augmentation(min_area), _SEED.value,
+                _MAX_IMAGES.value,
+            )
+            for name in names:
+                _add_training_consistency(comparison["models"][name], extra[name], min_area)
         _write_json(os.path.join(output_dir, "comparison.json"), comparison)
         results = comparison["models"][names[0]]
         print(evaluation.comparison_table(comparison))
     else:
         results = evaluation.evaluate_model(models[names[0]], eval_dataset(), **settings)
-        print("\n".join(f"{key:<32}{value}" for key, value in results.items()))
+        if min_area is not None:
+            extra = evaluation.evaluate_consistency(
+                models, eval_dataset(), _training_augmentation(min_area), _SEED.value,
+                _MAX_IMAGES.value,
+            )
+            _add_training_consistency(results, extra[names[0]], min_area)
+        results = {"protocol": evaluation.PROTOCOL, **results}
+        print("\n".join(f"{key:<40}{value}" for key, value in results.items()))
     _write_json(os.path.join(output_dir, "metrics.json"), results)
     if _GRID_IMAGES.value:
         images, labels, boxes = evaluation.take_images(eval_dataset(), _GRID_IMAGES.value)

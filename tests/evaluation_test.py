@@ -147,6 +147,16 @@ class EvaluateModelTest(tf.test.TestCase):
             self.assertEqual(difference["better"], "tie", metric)
             self.assertAllClose(difference["mean"], 0.0)
 
+    def test_consistency_under_identity_transforms_is_one(self):
+        # T = the whole image, never flipped: cam(T(x)) = T(cam(x)) exactly.
+        identity = cgc_tf.PairedAugmentation(area_range=(1.0, 1.0), flip_probability=0.0)
+        result = evaluation.evaluate_consistency(
+            {"a": self.model}, tiny_dataset(), identity, max_images=5
+        )["a"]
+        self.assertEqual(result["count"], 5)
+        self.assertAllClose(result["consistency_cosine"], 1.0, atol=1e-5)
+        self.assertAllClose(result["consistency_pearson"], 1.0, atol=1e-5)
+
     def test_readable_errors(self):
         big = cgc_tf.CGCModel(testing_models.tiny_convnet(image_size=32))
         with self.assertRaisesRegex(ValueError, "image_size"):
@@ -307,6 +317,30 @@ class EvaluateBinaryTest(tf.test.TestCase):
             self.assertIn(metric, process.stdout)
         for name in ("metrics.json", "grid.png"):
             self.assertTrue(os.path.isfile(os.path.join(output_dir, name)), name)
+
+    def test_protocols_are_recorded_and_paper_writes_beside_the_model(self):
+        model_dir = self.model_dirs[1]
+        process = _run_binary(
+            f"--model={model_dir}", "--max_images=8", "--batch_size=8", "--auc_steps=4",
+            "--grid_images=0", "--transform_min_area=0.5",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+        with open(os.path.join(model_dir, "metrics.json")) as file:
+            results = json.load(file)
+        self.assertEqual(results["protocol"], "cgc_tf")
+        self.assertEqual(results["training_transform_area"], [0.5, 1.0])
+        self.assertIn("consistency_cosine_training_transforms", results)
+        process = _run_binary(
+            f"--model={model_dir}", "--protocol=paper", "--max_images=8", "--batch_size=8",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+        with open(os.path.join(model_dir, "paper_protocol", "metrics.json")) as file:
+            paper = json.load(file)
+        self.assertEqual(paper["protocol"], "paper")
+        self.assertEqual(paper["input_resize"], 32)  # the digits' canvas, no resampling
+        self.assertEqual(paper["num_images"], 8)
+        self.assertBetween(paper["content_heatmap_percent"], 0.0, 100.0)
+        self.assertNotIn("training_transform_area", paper)  # config.json has none
 
     def test_bad_flags_give_readable_errors(self):
         process = _run_binary(f"--model={self.root}/missing", "--dataset=cluttered_digits")
