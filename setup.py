@@ -51,6 +51,9 @@ setup(
         # The elpv solar-cell images (about 90 MB; data licence CC BY-NC-SA 4.0,
         # so never a core dependency): --dataset=elpv needs it.
         "elpv": ["elpv-dataset>=1.0,<2"],
+        # Parity tests against the reference PyTorch code (tests/reference_*_parity_test.py,
+        # skipped without them): torch, and OpenCV for TorchRay's cv2.resize.
+        "parity": ["torch>=2", "opencv-python-headless>=4"],
     },
     entry_points={
         "console_scripts": [
