@@ -354,6 +354,9 @@ def mebibytes(value):
 # ------------------------------------------------------------------- models
 # Step variants: a plain classifier step and the CGC steps (see step_time.py).
 STEP_VARIANTS = ("plain", "cgc3", "cgc2")
+# step_time's also: "baseline", `CGCModel(consistency="none")`, the plain baseline
+# method as cgc-train runs it, beside the ordinary Keras classifier "plain".
+CGC_MODEL_STEP_VARIANTS = ("plain", "baseline", "cgc3", "cgc2")
 
 # Table columns of step times compared with the plain step's (`summarize`, the
 # plain median and `ratios_to(..., "plain")`): step_time's and reference_torch's,
@@ -382,8 +385,9 @@ def build_step_model(variant, arch, image_size, num_classes, jit_compile, learni
 
     Args:
       variant: "plain" (the backbone as a Keras classifier with sparse
-        cross-entropy from logits), "cgc3" (`CGCModel(views=3)`) or "cgc2"
-        (`CGCModel(views=2)`).
+        cross-entropy from logits), "baseline" (`CGCModel(consistency="none")`,
+        one view and one cross-entropy as "plain"), "cgc3" (`CGCModel(views=3)`)
+        or "cgc2" (`CGCModel(views=2)`).
       arch: a `cgc_tf.backbones.BUILDERS` name.
       image_size: int S.
       num_classes: int K.
@@ -399,8 +403,8 @@ def build_step_model(variant, arch, image_size, num_classes, jit_compile, learni
     import cgc_tf
     from cgc_tf import backbones
 
-    if variant not in STEP_VARIANTS:
-        raise ValueError(f"variant={variant!r} must be one of {STEP_VARIANTS}")
+    if variant not in CGC_MODEL_STEP_VARIANTS:
+        raise ValueError(f"variant={variant!r} must be one of {CGC_MODEL_STEP_VARIANTS}")
     keras.utils.set_random_seed(seed)
     backbone, target_layer = backbones.build(arch, (image_size, image_size, 3), num_classes)
     optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4)
@@ -411,7 +415,11 @@ def build_step_model(variant, arch, image_size, num_classes, jit_compile, learni
             jit_compile=jit_value(jit_compile),
         )
         return backbone
-    model = cgc_tf.CGCModel(backbone, target_layer=target_layer, views=int(variant[3]))
+    if variant == "baseline":
+        # views=3: trains on the batch's classification view, as "plain" does.
+        model = cgc_tf.CGCModel(backbone, target_layer=target_layer, consistency="none", views=3)
+    else:
+        model = cgc_tf.CGCModel(backbone, target_layer=target_layer, views=int(variant[3]))
     model.compile(optimizer=optimizer, jit_compile=jit_value(jit_compile))
     return model
 

@@ -6,11 +6,14 @@
 
 Variants (`--variants`), all with the same backbone architecture, batch, image
 size and SGD optimizer:
-  plain  the backbone compiled as an ordinary Keras classifier (sparse
-         cross-entropy from logits), one view: the cost CGC is compared with;
-  cgc3   `CGCModel(views=3)`, METHOD.md's step (CE on x_xe, x_orig, x_aug +
-         Grad-CAM consistency);
-  cgc2   `CGCModel(views=2)`, the faster variant without the x_xe view.
+  plain     the backbone compiled as an ordinary Keras classifier (sparse
+            cross-entropy from logits), one view: the cost CGC is compared with;
+  baseline  `CGCModel(consistency="none")`, the plain baseline method of
+            cgc-train (the reference's baseline_train_eval.py): the same one
+            view and one cross-entropy, so its "x plain" should be ~1;
+  cgc3      `CGCModel(views=3)`, METHOD.md's step (CE on x_xe, x_orig, x_aug +
+            Grad-CAM consistency);
+  cgc2      `CGCModel(views=2)`, the faster variant without the x_xe view.
 Every variant x `--jit_compile` setting is built in this one process and the
 timed steps are interleaved (`common.interleaved_times`), so the CGC / plain
 ratio (the median of the per-round ratios) holds up on a loaded machine.
@@ -43,7 +46,7 @@ from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-VARIANTS = common.STEP_VARIANTS
+VARIANTS = common.CGC_MODEL_STEP_VARIANTS
 ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
 JIT_SETTINGS = ("false", "true", "auto")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -165,7 +168,7 @@ def _description(variant, jit):
     return {
         "benchmark": "step_time",
         "variant": variant,
-        "views": 1 if variant == "plain" else int(variant[3]),
+        "views": 1 if variant in ("plain", "baseline") else int(variant[3]),
         "arch": _ARCH.value,
         "image_size": _IMAGE_SIZE.value,
         "batch_size": _BATCH_SIZE.value,

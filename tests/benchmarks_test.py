@@ -109,6 +109,20 @@ class CommonTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(app.UsageError, r"--batch_size=0 must be >= 1"):
             common.check_minimums((("batch_size", 0, 1),))
 
+    def test_baseline_step_is_the_plain_classifier_step(self):
+        """CGCModel(consistency="none") steps exactly as the Keras classifier on the same view."""
+        batch = common.random_batch(2, 16, 3, seed=0)
+        logs, weights = {}, {}
+        for variant in ("plain", "baseline"):
+            model = common.build_step_model(variant, "small_resnet", 16, 3, "false", 0.1, seed=0)
+            logs[variant] = common.make_train_step(model, variant, batch)()
+            backbone = model if variant == "plain" else model.backbone
+            weights[variant] = [w.numpy() for w in backbone.weights]
+        # make_train_step's untimed first step plus one step.
+        self.assertAllClose(logs["baseline"]["loss"], logs["plain"]["loss"], atol=1e-5)
+        for actual, expected in zip(weights["baseline"], weights["plain"], strict=True):
+            self.assertAllClose(actual, expected, atol=1e-5)
+
     def test_jit_value(self):
         self.assertIs(common.jit_value("false"), False)
         self.assertEqual(common.jit_value("auto"), "auto")
@@ -126,15 +140,15 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
             "--image_size=16",
             "--batch_size=4",
             "--num_classes=3",
-            # Two variants: each costs a memory-probe process (a TensorFlow start).
-            "--variants=plain,cgc2",
+            # Each variant costs a memory-probe process (a TensorFlow start).
+            "--variants=plain,baseline,cgc2",
             "--warmup_steps=1",
             "--timed_steps=2",
             "--memory_steps=1",
         )
         self.assertTrue(any(line.startswith("device:") for line in table))
         self.assertTrue(any("x plain" in line and "peak MiB" in line for line in table))
-        self.assertEqual([r["variant"] for r in records], ["plain", "cgc2"])
+        self.assertEqual([r["variant"] for r in records], ["plain", "baseline", "cgc2"])
         for record in records:
             self.assertEqual(record["timed_steps"], 2)
             self.assertLessEqual(record["min_s"], record["median_s"])
@@ -145,7 +159,7 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         plain = records[0]
         self.assertEqual(plain["ratio_to_plain"], 1.0)
         self.assertEqual(plain["peak_ratio"], 1.0)
-        self.assertEqual([r["views"] for r in records], [1, 2])
+        self.assertEqual([r["views"] for r in records], [1, 1, 2])
 
     def test_explain_latency(self):
         table, records = _run_benchmark(
