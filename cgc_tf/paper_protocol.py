@@ -365,9 +365,15 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
         height, width = int(images.shape[1]), int(images.shape[2])
         # Content Heatmap: the full image, short side input_resize, native-size mask.
         resized = resize_image(images, short_side_size(height, width, input_resize))
-        percent, zero_cam = content_heatmap(
-            feature_cams(resized, labels), _ground_truth_boxes(batch), (height, width)
-        )
+        try:
+            cams = feature_cams(resized, labels)
+        except (ValueError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(
+                f"the model cannot take the full {resized.shape[1]}x{resized.shape[2]} image "
+                f"(input_resize={input_resize}) that the paper's Content Heatmap feeds it; it "
+                f"needs a global pooling head, as the reference's ResNets have ({error})"
+            ) from None
+        percent, zero_cam = content_heatmap(cams, _ground_truth_boxes(batch), (height, width))
         values["content_heatmap_percent"].append(percent.numpy())
         values["zero_cam"].append(zero_cam.numpy())
         # Insertion / deletion and consistency: the full image squeezed to the input.

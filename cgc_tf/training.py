@@ -456,6 +456,23 @@ def _final_metrics(model, config, info):
     metrics["explanations"] = {
         key: value for key, value in explanation.items() if not key.endswith("_count")
     }
+    # consistency_* above draws T from the paper's crop areas (0.08-1); this run
+    # trained with T from [transform_min_area, 1], so report that one beside it.
+    training_t = evaluation_lib.evaluate_consistency(
+        {"model": model}, evaluation,
+        PairedAugmentation(area_range=(config.transform_min_area, 1.0)),
+        augmentation_seed=config.seed, max_images=max_images,
+    )["model"]
+    metrics["explanations"]["consistency_cosine_training_transforms"] = training_t[
+        "consistency_cosine"
+    ]
+    metrics["explanations"]["consistency_pearson_training_transforms"] = training_t[
+        "consistency_pearson"
+    ]
+    metrics["protocol"] = evaluation_lib.PROTOCOL
+    metrics["consistency_transform_areas"] = {
+        "paper": [0.08, 1.0], "training": [config.transform_min_area, 1.0]
+    }
     return metrics
 
 

@@ -246,6 +246,16 @@ class EvaluatePaperTest(tf.test.TestCase):
         self.assertNotIn("training_transform_area", result)
         self.assertBetween(result["insertion_auc"], 0.0, 1.0)
 
+    def test_a_model_that_needs_its_input_size_is_refused_clearly(self):
+        from cgc_tf import evaluation
+        from tests import testing_models
+
+        with tempfile.TemporaryDirectory() as root:
+            examples = self._examples(root, full_boxes=True)
+        model = evaluation.Explainer(testing_models.tiny_convnet_flatten_head(image_size=16))
+        with self.assertRaisesRegex(ValueError, "needs a global pooling head"):
+            paper_protocol.evaluate_paper(model, examples, input_resize=24, progress=False)
+
 
 if __name__ == "__main__":
     tf.test.main()

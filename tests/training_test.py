@@ -100,6 +100,10 @@ class RunTrainingTest(tf.test.TestCase):
         self.assertEqual(metrics["eval_split"], "test")
         self.assertBetween(metrics["accuracy"], 0.0, 1.0)
         self.assertEqual(metrics["epochs_run_this_time"], 1)
+        self.assertEqual(metrics["protocol"], "cgc_tf")
+        self.assertBetween(
+            metrics["explanations"]["consistency_cosine_training_transforms"], -1.0, 1.0
+        )
         with open(os.path.join(model_dir, "config.json")) as f:
             self.assertEqual(
                 config_lib.TrainConfig.from_json(f.read()), self.config(model_dir, epochs=1)
