@@ -1,39 +1,205 @@
 """Grad-CAM with `tf.GradientTape`, usable inside an outer tape (second order).
 
-Grad-CAM here is the gradient-times-activation form of METHOD.md:
-`cam[h, w] = ReLU(sum_k dz_c/dF[h, w, k] * F[h, w, k])`, computed in float32
-whatever the model's compute dtype, so second-order gradients stay finite
-under mixed precision.
+Heatmaps are computed in float32 whatever the model's compute dtype, so
+second-order gradients stay finite under mixed precision. `METHODS`:
+
+  gradient_x_activation  METHOD.md's form, what CGC trains:
+                         cam[h, w] = ReLU(sum_k dz_c/dF[h, w, k] * F[h, w, k]).
+  gradcam                Selvaraju et al. 2017: channel weights are the spatial
+                         mean of dz_c/dF; cam = ReLU(sum_k alpha_k F[..., k]).
+  gradcam++              Chattopadhay et al. 2018, the closed-form alphas.
+  closed_form            ReLU(F . W[:, c]) / (h * w) for pooling + dense heads,
+                         where all of the above are equal; no gradient ops.
+
+Target layers are spatial [B, h, w, k] (h * w > 1) or token grids [B, N, D]
+(ViT-style: N = h * w patch tokens after up to two leading class/distillation
+tokens, which are dropped). The explained score is the logit z_c: for a model
+that ends in a softmax, the pre-softmax logits (`logits_output`).
 """
+
+import math
 
 import keras
 import tensorflow as tf
 
 EPSILON = 1e-8
+METHODS = ("gradcam", "gradcam++", "gradient_x_activation", "closed_form")
+# Class and distillation tokens (ViT, DeiT) precede the patch tokens.
+MAX_EXTRA_TOKENS = 2
 
 
-def _layer_summary(model):
-    """Names of the layers with 4-D outputs, the valid Grad-CAM targets."""
+def token_grid(num_tokens, image_size=None):
+    """How N tokens map to a patch grid: (extra leading tokens, grid height, width).
+
+    Args:
+      num_tokens: int N.
+      image_size: optional (H, W) of the input images; the grid then has the
+        aspect ratio closest to H / W (within 25%), else it must be square.
+
+    Returns:
+      (extra, height, width) with height * width = N - extra > 1, or None.
+    """
+    if num_tokens is None:
+        return None
+    for extra in range(MAX_EXTRA_TOKENS + 1):
+        count = num_tokens - extra
+        if count < 2:
+            return None
+        if image_size is None or None in tuple(image_size):
+            side = math.isqrt(count)
+            if side * side == count:
+                return extra, side, side
+            continue
+        aspect = image_size[0] / image_size[1]
+        best = min(
+            ((height, count // height) for height in range(1, count + 1) if count % height == 0),
+            key=lambda grid: abs(math.log(grid[0] / grid[1] / aspect)),
+        )
+        if abs(math.log(best[0] / best[1] / aspect)) < math.log(1.25):
+            return (extra,) + best
+    return None
+
+
+def _static_size(shape):
+    """(H, W) of an image shape [B, H, W, C] as ints or None."""
+    return tuple(None if d is None else int(d) for d in tuple(shape)[1:3])
+
+
+def target_kind(shape, image_size=None):
+    """"spatial", "tokens" or None: whether a layer output of `shape` can be explained."""
+    shape = tuple(shape)
+    if len(shape) == 4:
+        height, width = shape[1], shape[2]
+        if height is not None and width is not None and height * width == 1:
+            return None
+        return "spatial"
+    if len(shape) == 3 and token_grid(shape[1], image_size) is not None:
+        return "tokens"
+    return None
+
+
+def to_grid(tensor, image_size=None):
+    """[B, h, w, k] unchanged; tokens [B, N, D] -> [B, h, w, D] without the leading extras."""
+    if len(tensor.shape) == 4:
+        return tensor
+    extra, height, width = token_grid(tensor.shape[1], image_size)
+    return tf.reshape(tensor[:, extra:], [-1, height, width, tensor.shape[2]])
+
+
+def layer_output(layer):
+    """The single KerasTensor a layer outputs, or None (several outputs, shared layer)."""
+    try:
+        output = layer.output
+    except (AttributeError, ValueError):
+        return None
+    return output if isinstance(output, keras.KerasTensor) else None
+
+
+def target_candidates(model, image_size=None):
+    """Names of the layers of `model` whose output Grad-CAM can explain, in graph order.
+
+    Spatial outputs [B, h, w, k] with h * w > 1, and token grids [B, N, D]
+    (`token_grid`); the input layer is not a candidate.
+    """
+    if image_size is None and getattr(model, "inputs", None):
+        image_size = _static_size(model.inputs[0].shape)
     names = []
     for layer in model.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
+        if isinstance(layer, keras.layers.InputLayer):
             continue
-        if len(shape) == 4:
+        output = layer_output(layer)
+        if output is not None and target_kind(output.shape, image_size) is not None:
             names.append(layer.name)
     return names
 
 
-def default_target_layer(model):
-    """The last layer of `model` with a 4-D output (the last convolutional block).
+def _is_softmax(activation):
+    return activation is keras.activations.softmax or (
+        getattr(activation, "__name__", "") == "softmax"
+    )
+
+
+def _is_softmax_layer(layer):
+    """True for a `Softmax` layer or an `Activation("softmax")`."""
+    return isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
+    )
+
+
+class DenseLogits(keras.layers.Layer):
+    """The pre-activation of a Dense layer, sharing its weights: x @ kernel + bias.
+
+    Reads the logits of a classifier whose last Dense applies a softmax.
+    """
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(dtype=dense.dtype_policy, **kwargs)
+        self.dense = dense
+
+    def call(self, inputs):
+        outputs = keras.ops.matmul(inputs, self.dense.kernel)
+        if self.dense.use_bias:
+            outputs = outputs + self.dense.bias
+        return outputs
+
+
+def _output_layer(model):
+    output = model.outputs[0]
+    for layer in reversed(model.layers):
+        if layer_output(layer) is output:
+            return layer
+    return None
+
+
+def logits_output(model):
+    """The logits KerasTensor [B, K] of a classifier: what Grad-CAM differentiates.
+
+    Grad-CAM explains the pre-softmax score (Selvaraju et al. 2017): a model
+    that ends in a softmax is read before it, either at the input of a final
+    `Softmax` / `Activation("softmax")` layer (MobileNetV3) or, for a final
+    Dense with a softmax activation (most keras.applications), through
+    `DenseLogits`. Any other output is used as it is.
 
     Raises:
-      ValueError: if the model has no 4-D layer.
+      ValueError: if the model has several outputs, an output that is not
+        [B, K], or a softmax folded into a layer other than Dense.
     """
-    candidates = _layer_summary(model)
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        raise ValueError(
+            f"model {model.name!r} must have one output of class scores [B, num_classes]; "
+            f"its outputs are {[tuple(t.shape) for t in model.outputs]}"
+        )
+    layer = _output_layer(model)
+    if layer is None:
+        return model.outputs[0]
+    if _is_softmax_layer(layer):
+        return layer.input
+    if _is_softmax(getattr(layer, "activation", None)):
+        if not isinstance(layer, keras.layers.Dense):
+            raise ValueError(
+                f"model {model.name!r} ends in {type(layer).__name__} {layer.name!r} with a "
+                "softmax activation, whose logits cannot be read; build the model with "
+                "logits outputs (e.g. classifier_activation=None)"
+            )
+        return DenseLogits(layer, name=f"{layer.name}_logits")(layer.input)
+    return model.outputs[0]
+
+
+def default_target_layer(model):
+    """The last layer of `model` that `target_candidates` accepts.
+
+    `cgc_tf.explainers.auto_target_layer` also checks that the class score
+    depends on the layer's positions.
+
+    Raises:
+      ValueError: if the model has no such layer.
+    """
+    candidates = target_candidates(model)
     if not candidates:
-        raise ValueError(f"model {model.name!r} has no layer with a 4-D output to explain")
+        raise ValueError(
+            f"model {model.name!r} has no layer with a spatial [B, h, w, k] (h * w > 1) "
+            "or token-grid [B, N, D] output to explain"
+        )
     return candidates[-1]
 
 
@@ -41,54 +207,97 @@ def feature_model(model, target_layer):
     """A model sharing `model`'s weights that returns (features, logits).
 
     Args:
-      model: a functional keras.Model, images -> logits [B, K].
-      target_layer: name of a layer of `model` with a 4-D output [B, h, w, k].
+      model: a built functional or Sequential keras.Model, images -> class
+        scores [B, K] (logits, or a softmax that `logits_output` bypasses).
+      target_layer: name of a layer of `model` with a spatial [B, h, w, k] or
+        token-grid [B, N, D] output.
 
     Returns:
-      keras.Model: images -> [features float [B, h, w, k], logits float [B, K]].
+      keras.Model: images -> [features [B, h, w, k] or [B, N, D], logits [B, K]].
 
     Raises:
-      ValueError: if `target_layer` is not a layer of `model` or is not 4-D; the
-        message lists the valid layer names.
+      ValueError: if `target_layer` is not such a layer of `model`; the message
+        lists the valid layer names.
     """
-    candidates = _layer_summary(model)
-    try:
-        layer = model.get_layer(target_layer)
-    except ValueError:
-        layer = None
-    if layer is None or target_layer not in candidates:
-        shown = candidates[-12:]
+    candidates = target_candidates(model)
+    if target_layer not in candidates:
         raise ValueError(
-            f"target_layer={target_layer!r} is not a layer of {model.name!r} with a 4-D "
-            f"output; the last 4-D layers are {shown}"
+            f"target_layer={target_layer!r} is not a layer of {model.name!r} with a spatial "
+            f"[B, h, w, k] or token-grid [B, N, D] output; the last such layers are "
+            f"{candidates[-12:]}"
         )
-    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
-        raise ValueError(
-            f"model {model.name!r} must have one output of logits [B, num_classes]; "
-            f"its outputs are {[tuple(t.shape) for t in model.outputs]}"
-        )
+    features = layer_output(model.get_layer(target_layer))
     return keras.Model(
-        model.inputs, [layer.output, model.outputs[0]], name=f"{model.name}_gradcam"
+        model.inputs, [features, logits_output(model)], name=f"{model.name}_gradcam"
     )
 
 
-def gradcam(extractor, images, class_index=None, training=False):
+def _class_index(class_index, logits):
+    """int32 [B] explained classes: the argmax of `logits` [B, K] when None."""
+    if class_index is None:
+        class_index = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    class_index = tf.cast(class_index, tf.int32)
+    if class_index.shape.rank == 0:
+        class_index = tf.fill(tf.shape(logits)[:1], class_index)
+    return tf.stop_gradient(class_index)
+
+
+def cam_from_gradients(features, gradients, method):
+    """A class activation map from target-layer activations and dz_c/dF.
+
+    Args:
+      features: float32 [B, h, w, k] activations F.
+      gradients: float32 [B, h, w, k] dz_c/dF.
+      method: "gradient_x_activation", "gradcam" or "gradcam++" (`METHODS`).
+
+    Returns:
+      float32 [B, h, w], ReLU'd, not normalised.
+    """
+    if method == "gradient_x_activation":
+        return tf.nn.relu(tf.reduce_sum(gradients * features, axis=-1))
+    if method == "gradcam":
+        weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
+    elif method == "gradcam++":
+        # Chattopadhay et al. 2018, eq. 19 with the score's exponential Y = exp(z_c):
+        # its derivatives are exp(z_c) * g^n, and exp(z_c) cancels in
+        # alpha = g^2 / (2 g^2 + sum_ab F_ab * g^3). The weights sum alpha * ReLU(dY/dF)
+        # over positions; the per-example factor exp(z_c) > 0 is dropped (it
+        # overflows float32 for z_c > 88 and does not change the map's shape).
+        # Where the denominator is 0 (g = 0) alpha is 0, as in the authors' code.
+        squared = tf.square(gradients)
+        total = tf.reduce_sum(features, axis=[1, 2], keepdims=True)
+        alpha = tf.math.divide_no_nan(squared, 2.0 * squared + total * squared * gradients)
+        weights = tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=[1, 2], keepdims=True)
+    else:
+        raise ValueError(
+            f"method={method!r} needs gradients; use one of {METHODS[:3]} here"
+        )
+    return tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+
+
+def gradcam(extractor, images, class_index=None, training=False, method="gradient_x_activation"):
     """Batched Grad-CAM, differentiable w.r.t. the model weights (second order).
 
     Call it inside an outer `tf.GradientTape` to train through the heatmaps: the
     inner gradient dz_c/dF is itself recorded. It assumes the layers after the
-    target treat examples independently (true for pooling + dense heads), so the
-    gradient of the summed class logits gives every example its own dz_c/dF.
+    target treat examples independently (true at inference, and for pooling +
+    dense heads), so the gradient of the summed class logits gives every
+    example its own dz_c/dF.
 
     Args:
       extractor: the model returned by `feature_model`.
-      images: float [B, H, W, 3], as the model expects.
-      class_index: int [B] class per example, or None for the predicted class.
+      images: float [B, H, W, C], as the model expects.
+      class_index: int, int [B] class per example, or None for the predicted class.
       training: forwarded to the model (BatchNorm mode).
+      method: "gradient_x_activation" (default, what CGC trains), "gradcam" or
+        "gradcam++" (`cam_from_gradients`).
 
     Returns:
-      (logits float32 [B, K], cam float32 [B, h, w] at the feature resolution,
-      class_index int32 [B]).
+      (logits float32 [B, K], cam float32 [B, h, w] at the feature resolution
+      (the patch grid for tokens), class_index int32 [B]).
+
+    Raises:
+      ValueError: if the class score does not depend on the target layer.
     """
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         # Watching the input records the ops from the features to the logits
@@ -96,16 +305,50 @@ def gradcam(extractor, images, class_index=None, training=False):
         tape.watch(images)
         features, logits = extractor(images, training=training)
         logits = tf.cast(logits, tf.float32)
-        if class_index is None:
-            class_index = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        class_index = tf.stop_gradient(tf.cast(class_index, tf.int32))
-        selected = tf.gather(logits, class_index, axis=1, batch_dims=1)
-        total = tf.reduce_sum(selected)
+        class_index = _class_index(class_index, logits)
+        total = tf.reduce_sum(tf.gather(logits, class_index, axis=1, batch_dims=1))
     gradients = tape.gradient(total, features)
-    cam = tf.nn.relu(
-        tf.reduce_sum(tf.cast(gradients, tf.float32) * tf.cast(features, tf.float32), axis=-1)
-    )
-    return logits, cam, class_index
+    if gradients is None:
+        raise ValueError(
+            f"the class scores of {extractor.name!r} do not depend on its target layer's output"
+        )
+    size = _static_size(images.shape)
+    features = to_grid(tf.cast(features, tf.float32), size)
+    gradients = to_grid(tf.cast(gradients, tf.float32), size)
+    return logits, cam_from_gradients(features, gradients, method), class_index
+
+
+def explain_batch(extractor, images, class_index=None, method="gradcam", dense=None):
+    """Heatmaps at the input size: the computation behind every `explain`.
+
+    Args:
+      extractor: the model returned by `feature_model`.
+      images: float [B, H, W, C], as the model expects.
+      class_index: int, int [B], or None for the predicted class.
+      method: one of `METHODS`.
+      dense: the head's Dense layer (`pooling_dense_head`), required for "closed_form".
+
+    Returns:
+      dict: "logits" float32 [B, K], "class_index" int32 [B] (the explained
+      classes), "heatmap" float32 [B, H, W] (ReLU'd, bilinearly upsampled, not
+      normalised).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if method == "closed_form":
+        if dense is None:
+            raise ValueError("method='closed_form' needs the head's Dense layer (`dense`)")
+        features, logits = extractor(images, training=False)
+        logits = tf.cast(logits, tf.float32)
+        class_index = _class_index(class_index, logits)
+        cam = closed_form_cam(features, dense.kernel, class_index)
+    else:
+        logits, cam, class_index = gradcam(extractor, images, class_index, False, method)
+    return {
+        "logits": logits,
+        "class_index": class_index,
+        "heatmap": upsample(cam, tf.shape(images)[1:3]),
+    }
 
 
 def upsample(cam, size):
@@ -122,8 +365,10 @@ def sum_normalize(cam):
 def pooling_dense_head(model, target_layer):
     """The Dense layer when `target_layer` -> GlobalAveragePooling2D -> Dense(logits).
 
-    This is the head where Grad-CAM has the closed form of METHOD.md. Returns
-    None for any other head.
+    This is the head where Grad-CAM has the closed form of METHOD.md. Dropout
+    layers (identities at inference) may sit between the pooling and the Dense;
+    the Dense may apply a softmax, or feed a final softmax layer (the logits
+    are read before it, `logits_output`). Returns None for any other head.
     """
     layer = model.get_layer(target_layer)
     consumers = _consumers(model, layer)
@@ -134,20 +379,24 @@ def pooling_dense_head(model, target_layer):
     pooling = consumers[0]
     if pooling.keepdims:
         return None
-    dense_layers = _consumers(model, pooling)
-    if len(dense_layers) != 1 or not isinstance(dense_layers[0], keras.layers.Dense):
+    following = _consumers(model, pooling)
+    while len(following) == 1 and isinstance(following[0], keras.layers.Dropout):
+        following = _consumers(model, following[0])
+    if len(following) != 1 or not isinstance(following[0], keras.layers.Dense):
         return None
-    dense = dense_layers[0]
-    if dense.output is not model.outputs[0]:
-        return None
-    if dense.activation not in (None, keras.activations.linear):
-        return None
-    return dense
+    dense = following[0]
+    linear = dense.activation in (None, keras.activations.linear)
+    if dense.output is model.outputs[0] and (linear or _is_softmax(dense.activation)):
+        return dense
+    output_layer = _output_layer(model)
+    if linear and _is_softmax_layer(output_layer) and output_layer.input is dense.output:
+        return dense
+    return None
 
 
 def _consumers(model, layer):
     """Layers of `model` that take `layer`'s output as input."""
-    output = layer.output
+    output = layer_output(layer)
     found = []
     for candidate in model.layers:
         if candidate is layer:

@@ -16,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # direction"); anything absent from a set is forbidden.
 ALLOWED = {
     "gradcam": set(),
+    "explainers": {"gradcam"},
     "losses": set(),
     "distribute": set(),
     "config": set(),

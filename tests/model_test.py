@@ -243,7 +243,10 @@ class CGCModelTest(tf.test.TestCase):
             input_shape=(32, 32, 3), weights=None, classes=3, classifier_activation=None, alpha=0.35
         )
         model = cgc_tf.CGCModel(backbone)
-        self.assertEqual(model.target_layer, "out_relu")
+        # At 32x32 "out_relu" is 1x1, a constant heatmap: the last map with more
+        # than one position is chosen.
+        self.assertEqual(model.target_layer, "block_13_pad")
+        self.assertEqual(tuple(backbone.get_layer("out_relu").output.shape[1:3]), (1, 1))
         model.compile(optimizer="sgd")
         images = tf.image.resize(self.images[:4], (32, 32))
         logs = model.train_on_batch(images, self.labels[:4], return_dict=True)
