@@ -295,7 +295,8 @@ def _batches(examples, batch_size, max_images):
     for example in examples:
         if max_images is not None and taken >= max_images:
             break
-        if batch and (len(batch) == batch_size or batch[0]["image"].shape != example["image"].shape):
+        full = len(batch) == batch_size
+        if batch and (full or batch[0]["image"].shape != example["image"].shape):
             yield batch
             batch = []
         batch.append(example)
@@ -347,7 +348,14 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
         raise ValueError(f"`input_resize` must be an int >= 1; received {input_resize!r}.")
     explainer, feature_cams = _explainer_parts(model)
     side = explainer.image_size
-    augmentations = {"paper": augment_lib.PairedAugmentation(area_range=PAPER_TRANSFORM_AREA, seed=seed)}
+    if None in tuple(side):
+        raise ValueError(
+            "insertion/deletion resize the full image to the model's input size, so the "
+            f"model needs a fixed one; its input is {side}"
+        )
+    augmentations = {
+        "paper": augment_lib.PairedAugmentation(area_range=PAPER_TRANSFORM_AREA, seed=seed)
+    }
     if transform_min_area is not None:
         augmentations["training"] = augment_lib.PairedAugmentation(
             area_range=(float(transform_min_area), 1.0), seed=seed
@@ -385,7 +393,8 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
         steps = int(insertion.shape[1]) - 1
         values["insertion_auc"].append(rise_auc(insertion).numpy())
         values["deletion_auc"].append(rise_auc(deletion).numpy())
-        values["accuracy_full_image"].append(tf.cast(tf.equal(predicted, labels), tf.float32).numpy())
+        correct = tf.cast(tf.equal(predicted, labels), tf.float32)
+        values["accuracy_full_image"].append(correct.numpy())
         for name, augmentation in augmentations.items():
             transform = augmentation.sample(len(batch), side[0], side[1])
             cosine, pearson = metrics_lib.consistency(
@@ -398,7 +407,9 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
             progress_bar.update(num_images)
     if num_images == 0:
         raise ValueError("`examples` yielded no images to evaluate")
-    means = {name: float(np.mean(np.concatenate(v))) for name, v in values.items() if name != "zero_cam"}
+    means = {
+        name: float(np.mean(np.concatenate(v))) for name, v in values.items() if name != "zero_cam"
+    }
     result = {
         "protocol": PROTOCOL,
         "input_resize": input_resize,

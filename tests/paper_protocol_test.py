@@ -50,7 +50,8 @@ class ResizeTest(tf.test.TestCase):
         self.assertEqual(paper_protocol.short_side_size(10, 10, 4), (4, 4))
 
     def test_resize_keeps_8_bit_levels_and_returns_same_size_unchanged(self):
-        images = (np.random.default_rng(0).integers(0, 256, (1, 6, 8, 3)) / 255.0).astype(np.float32)
+        levels = np.random.default_rng(0).integers(0, 256, (1, 6, 8, 3))
+        images = (levels / 255.0).astype(np.float32)
         self.assertAllEqual(paper_protocol.resize_image(images, (6, 8)), images)
         resized = paper_protocol.resize_image(images, (9, 12)).numpy() * 255
         self.assertAllClose(resized, np.round(resized), atol=1e-4)
@@ -227,8 +228,8 @@ class EvaluatePaperTest(tf.test.TestCase):
         self.assertAllClose(result["deletion_auc"], 0.25, atol=1e-6)
         self.assertEqual(result["auc_steps"], 26)  # 10 of 256 pixels per step
         self.assertEqual(result["training_transform_area"], [0.5, 1.0])
-        for key in ("consistency_cosine_paper_transforms", "consistency_cosine_training_transforms"):
-            self.assertIn(key, result)
+        for name in ("paper", "training"):
+            self.assertIn(f"consistency_cosine_{name}_transforms", result)
 
     def test_a_trained_shape_model_has_all_mass_inside_full_image_boxes(self):
         keras.utils.set_random_seed(0)

@@ -271,7 +271,9 @@ class RiseParityTest(tf.test.TestCase):
         scorer = _Scorer(num_classes=4)
         self.rise.HW, self.rise.n_classes = size * size, 4
         substrate = _rise_blur(self.rise)["blur"] if mode == "ins" else torch.zeros_like
-        metric = self.rise.CausalMetric(scorer.torch_probabilities, mode, pixels_per_step, substrate)
+        metric = self.rise.CausalMetric(
+            scorer.torch_probabilities, mode, pixels_per_step, substrate
+        )
         normalised = torch.from_numpy(((images - MEAN) / STD).transpose(0, 3, 1, 2).copy())
         with _NoCuda():
             reference = metric.evaluate(normalised, saliency, batch_size=3)  # [steps + 1, B]

@@ -213,7 +213,9 @@ def tfds_examples(dataset, data_dir=None, image_size=32, split=None):
     source = sources.resolve(dataset, data_dir, image_size)
     info = source.info
     if not info.has_bounding_boxes:
-        raise ValueError(f"dataset={dataset!r} has no bounding boxes; the paper protocol needs them")
+        raise ValueError(
+            f"dataset={dataset!r} has no bounding boxes; the paper protocol needs them"
+        )
     split = split or info.eval_split
     if split is None:
         raise ValueError(f"dataset={dataset!r} has no evaluation split; pass split")
