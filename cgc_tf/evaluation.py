@@ -321,7 +321,27 @@ def _batch_metrics(explainer, images, labels, boxes, augmentation, transform, tr
     return values
 
 
-def _summarize(per_image, num_images, skipped):
+def balanced_accuracy(correct, labels):
+    """Mean over the classes present in `labels` of the accuracy within each class.
+
+    The accuracy a classifier gets when every class weighs the same, however
+    imbalanced the evaluation set (sklearn's `balanced_accuracy_score`).
+
+    Args:
+      correct: float or bool [N], 1 where the prediction is right.
+      labels: int [N], the ground-truth class of each image.
+
+    Returns:
+      float, or None when N = 0.
+    """
+    correct = np.asarray(correct, np.float64).reshape([-1])
+    labels = np.asarray(labels).reshape([-1])
+    if correct.size == 0:
+        return None
+    return float(np.mean([correct[labels == label].mean() for label in np.unique(labels)]))
+
+
+def _summarize(per_image, labels, num_images, skipped):
     """Flat dict: metric -> mean (None without data), metric_count -> images used."""
     result = {}
     for name in PER_IMAGE_METRICS:
@@ -329,6 +349,8 @@ def _summarize(per_image, num_images, skipped):
         values = values[~np.isnan(values)]
         result[name] = float(np.mean(values)) if values.size else None
         result[f"{name}_count"] = int(values.size)
+    correct = np.concatenate(per_image["accuracy"]) if per_image["accuracy"] else np.zeros([0])
+    result["balanced_accuracy"] = balanced_accuracy(correct, labels)
     result["content_heatmap_skipped"] = int(skipped)
     result["num_images"] = int(num_images)
     return result
@@ -375,6 +397,7 @@ def evaluate_models(
     explainers = {name: as_explainer(model) for name, model in models.items()}
     augmentation = metrics_lib.seeded_augmentation(augmentation, augmentation_seed)
     per_image = {name: {metric: [] for metric in PER_IMAGE_METRICS} for name in models}
+    all_labels = []
     skipped = {name: 0 for name in models}
     num_images = 0
     progress_bar = None
@@ -414,6 +437,7 @@ def evaluate_models(
                         skipped[name] += int(np.sum(~valid))
                     metric_values = np.where(valid, metric_values, np.nan)
                 per_image[name][metric].append(metric_values)
+        all_labels.append(np.asarray(labels).reshape([-1]))
         num_images += int(images.shape[0])
         batches_done += 1
         if progress_bar is not None:
@@ -425,7 +449,10 @@ def evaluate_models(
         progress_bar.update(batches_done, finalize=True)
     if num_images == 0:
         raise ValueError("the dataset yielded no images to evaluate")
-    results = {name: _summarize(per_image[name], num_images, skipped[name]) for name in models}
+    all_labels = np.concatenate(all_labels)
+    results = {
+        name: _summarize(per_image[name], all_labels, num_images, skipped[name]) for name in models
+    }
     if return_per_image:
         flat = {
             name: {
@@ -460,8 +487,9 @@ def evaluate_model(
     Returns:
       dict of Python floats/ints: for each metric in `PER_IMAGE_METRICS`, its mean
       (None when nothing was measured, e.g. CH without boxes) and `<metric>_count`
-      (images averaged); `content_heatmap_skipped` (images with an all-zero
-      heatmap or no box); `num_images`.
+      (images averaged); `balanced_accuracy` (the mean of the per-class
+      accuracies, `balanced_accuracy`); `content_heatmap_skipped` (images with
+      an all-zero heatmap or no box); `num_images`.
     """
     return evaluate_models(
         {"model": model},
@@ -635,6 +663,7 @@ def save_grid(
     return visualize.consistency_grid(
         path, np.asarray(images), transformed, explanations, row_titles=row_titles, boxes=boxes
     )
+
 
 def evaluate_consistency(models, dataset, augmentation, augmentation_seed=0, max_images=None):
     """Consistency only, for T drawn from `augmentation` (e.g. a training run's crop areas).

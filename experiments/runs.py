@@ -120,11 +120,12 @@ def untrained_metrics(config_path, seed):
     return {key: value for key, value in results.items() if not key.endswith("_count")}
 
 
-def summarize(runs):
+def summarize(runs, columns=COLUMNS):
     """Mean and sample standard deviation over seeds.
 
     Args:
       runs: list of dicts {"regime", "method", "seed", "metrics"}.
+      columns: (metric, label, scale) triples; the metrics summarised.
 
     Returns:
       dict (regime, method) -> metric -> (mean, std, n).
@@ -135,7 +136,7 @@ def summarize(runs):
     summary = {}
     for key, metric_dicts in grouped.items():
         summary[key] = {}
-        for metric, _, _ in COLUMNS:
+        for metric, _, _ in columns:
             values = np.array([m[metric] for m in metric_dicts if m.get(metric) is not None])
             if values.size:
                 std = float(values.std(ddof=1)) if values.size > 1 else 0.0
@@ -143,10 +144,13 @@ def summarize(runs):
     return summary
 
 
-def markdown_table(summary, regimes, methods):
-    """The README table: one row per regime and method, mean +- std over seeds."""
-    header = "| regime | method | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+def markdown_table(summary, regimes, methods, columns=COLUMNS):
+    """The README table: one row per regime and method, mean +- std over seeds.
+
+    `columns` as in `summarize`: a scale of 100 prints a percentage with one decimal.
+    """
+    header = "| regime | method | seeds | " + " | ".join(label for _, label, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 3)]
     for regime in regimes:
         for method in [UNTRAINED] + list(methods):
             row = summary.get((regime, method))
@@ -154,7 +158,7 @@ def markdown_table(summary, regimes, methods):
                 continue
             seeds = max(n for _, _, n in row.values())
             cells = []
-            for metric, _, scale in COLUMNS:
+            for metric, _, scale in columns:
                 if metric not in row:
                     cells.append("n/a")
                     continue
@@ -208,17 +212,18 @@ def run_all(runs, jobs):
               flush=True)
 
 
-def write_results(output_dir, results, regimes, methods):
+def write_results(output_dir, results, regimes, methods, columns=COLUMNS):
     """Writes results.json (every run) and results.md (the table); returns the table.
 
     Args:
       output_dir: str, an existing directory.
       results: list of dicts {"regime", "method", "seed", "metrics"}.
       regimes, methods: the table's row order (see `markdown_table`).
+      columns: the table's metrics (see `summarize`).
     """
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = markdown_table(summarize(results), regimes, methods)
+    table = markdown_table(summarize(results, columns), regimes, methods, columns)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     return table

@@ -79,6 +79,21 @@ class EvaluateModelTest(tf.test.TestCase):
         expected_accuracy = float(np.mean(metrics.top1_accuracy(logits, batch["label"])))
         self.assertAllClose(self.results["content_heatmap_percent"], expected_ch, rtol=1e-5)
         self.assertAllClose(self.results["accuracy"], expected_accuracy)
+        # Balanced accuracy: scikit-learn's on the same predictions.
+        from sklearn.metrics import balanced_accuracy_score
+
+        predictions = np.argmax(logits, axis=-1)
+        self.assertAllClose(
+            self.results["balanced_accuracy"],
+            balanced_accuracy_score(batch["label"].numpy(), predictions),
+        )
+
+    def test_balanced_accuracy_weighs_classes_equally(self):
+        # Class 0: 3 of 4 right; class 1: 0 of 1; class 2: 1 of 1 -> (0.75 + 0 + 1) / 3.
+        correct = [1, 1, 0, 1, 0, 1]
+        labels = [0, 0, 0, 0, 1, 2]
+        self.assertAllClose(evaluation.balanced_accuracy(correct, labels), 1.75 / 3)
+        self.assertIsNone(evaluation.balanced_accuracy([], []))
 
     def test_without_boxes_box_metrics_are_none(self):
         results = evaluation.evaluate_model(
