@@ -311,8 +311,19 @@ BUILDERS = {
 }
 
 
-def build(arch, input_shape, num_classes, weights=None):
+def build(arch, input_shape, num_classes, weights=None, synchronized_batch_norm=False):
     """Builds a backbone by name (a key of `BUILDERS`).
+
+    Args:
+      arch: a key of `BUILDERS`.
+      input_shape: (H, W, 3).
+      num_classes: int, the logits' width.
+      weights: optional local `.weights.h5` file.
+      synchronized_batch_norm: bool; True makes every BatchNormalization layer
+        compute its training-mode batch statistics over all replicas of the
+        current tf.distribute strategy (Keras `synchronized=True`: an all-reduce
+        per layer and step), so replicas also update their moving statistics
+        identically. No effect outside a strategy.
 
     Returns:
       (model, target_layer_name).
@@ -320,6 +331,11 @@ def build(arch, input_shape, num_classes, weights=None):
     if arch not in BUILDERS:
         raise ValueError(f"arch={arch!r} is not known; choose one of {sorted(BUILDERS)}")
     model = BUILDERS[arch](input_shape=input_shape, num_classes=num_classes, weights=weights)
+    if synchronized_batch_norm:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                # Read at call time (and saved by get_config); no variable changes.
+                layer.synchronized = True
     return model, TARGET_LAYERS[arch]
 
 

@@ -74,6 +74,7 @@ class TrainConfig:
     arch: str = "small_resnet"
     target_layer: Optional[str] = None
     init_weights: Optional[str] = None
+    synchronized_batch_norm: bool = False
     # Optimisation.
     epochs: int = 15
     batch_size: int = 32
@@ -243,7 +244,9 @@ def _field_errors(config):
         _is_number(config.transform_min_area) and 0 < config.transform_min_area <= 1,
         f"transform_min_area={config.transform_min_area!r} must be in (0, 1]",
     )
-    for name in ("global_negatives", "skip_corrupt_images", "resume", "export"):
+    for name in (
+        "global_negatives", "skip_corrupt_images", "resume", "export", "synchronized_batch_norm"
+    ):
         value = getattr(config, name)
         check(isinstance(value, bool), f"{name}={value!r} must be True or False")
     for name in ("target_layer", "unlabeled_split", "tpu"):

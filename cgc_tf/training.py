@@ -185,7 +185,8 @@ def build_backbone(config, num_classes, say=print):
         # Keras warns about every skipped layer; the summary below says it once.
         warnings.simplefilter("ignore", UserWarning)
         backbone, recommended = backbones.build(
-            config.arch, input_shape, num_classes, weights=config.init_weights
+            config.arch, input_shape, num_classes, weights=config.init_weights,
+            synchronized_batch_norm=config.synchronized_batch_norm,
         )
     if config.init_weights is not None:
         # A same-seed build without weights tells which layers the file did not fill.

@@ -266,6 +266,47 @@ class CGCStepTest(testing_devices.TwoReplicaTestCase):
         for actual, expected in zip(weights, expected_weights):
             self.assertAllClose(actual, expected, atol=1e-5)
 
+    def _batch_norm_step(self, strategy, synchronized):
+        """One CGC step of small_resnet; returns {variable path: per-replica values}."""
+        images, labels = _batch()
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            backbone, target_layer = cgc_tf.backbones.build(
+                "small_resnet", (IMAGE_SIZE, IMAGE_SIZE, 3), 3,
+                synchronized_batch_norm=synchronized,
+            )
+            model = cgc_tf.CGCModel(
+                backbone, target_layer=target_layer, views=2, lambda_=1.0,
+                global_negatives=True, augmentation=deterministic_augmentation(),
+            )
+            model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE))
+        model.fit(images, labels, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        values = {
+            variable.path: [
+                np.asarray(value) for value in strategy.experimental_local_results(variable.value)
+            ]
+            for variable in model.backbone.variables
+        }
+        return values
+
+    def test_synchronized_batch_norm_gives_identical_statistics_on_every_replica(self):
+        def moving(values):
+            return {path: v for path, v in values.items() if "moving" in path}
+
+        single_device = self._batch_norm_step(tf.distribute.get_strategy(), synchronized=True)
+        synchronized = self._batch_norm_step(self.strategy, synchronized=True)
+        self.assertNotEmpty(moving(synchronized))
+        for path, (first, second) in moving(synchronized).items():
+            self.assertAllEqual(first, second, msg=path)
+        # Batch statistics over both replicas are those of the global batch.
+        for path, (expected,) in single_device.items():
+            self.assertAllClose(synchronized[path][0], expected, atol=1e-4, msg=path)
+        per_replica = self._batch_norm_step(self.strategy, synchronized=False)
+        difference = max(
+            np.abs(first - second).max() for first, second in moving(per_replica).values()
+        )
+        self.assertGreater(difference, 1e-4)
+
     def test_replicas_draw_one_transform_per_global_example(self):
         # The SeedGenerator state is a mirrored variable with aggregation "none":
         # each replica updates its own copy, identically. Every replica draws the

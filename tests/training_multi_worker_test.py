@@ -38,8 +38,9 @@ _TRAIN_EXAMPLES = 5748  # the embedded dataset's train split
 _RUN_TIMEOUT_SECONDS = 300
 
 
-def _binary_flags(model_dir, data_dir, epochs):
+def _binary_flags(model_dir, data_dir, epochs, synchronized_batch_norm):
     return [
+        f"--synchronized_batch_norm={synchronized_batch_norm}",
         f"--data_dir={data_dir}", f"--image_size={_IMAGE_SIZE}", "--batch_size=8",
         f"--steps_per_epoch={_STEPS_PER_EPOCH}", "--warmup_epochs=0", "--learning_rate=0.05",
         "--eval_every=1", "--noexport", "--strategy=multi_worker", f"--epochs={epochs}",
@@ -59,10 +60,10 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.data_dir = os.path.join(self.root, "tfds")
         self.model_dir = os.path.join(self.root, "run")
 
-    def _launch(self, epochs, name):
+    def _launch(self, epochs, name, synchronized_batch_norm=False):
         """Runs both workers to the end (each must exit 0); returns their outputs [0, 1]."""
         ports = testing_processes.free_ports(2)
-        flags = _binary_flags(self.model_dir, self.data_dir, epochs)
+        flags = _binary_flags(self.model_dir, self.data_dir, epochs, synchronized_batch_norm)
         commands = [
             [sys.executable, "-m", "train.main", *flags],
             [sys.executable, os.path.abspath(__file__), self._weights_path(name), *flags],
@@ -116,22 +117,26 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.assertLen(lines, 1, output[-4000:])
         return json.loads(lines[0][len(_RESULT_PREFIX):])
 
-    def _check_weights_agree(self, name, epochs):
-        """Worker 1's final trainable weights equal the chief's model.keras; returns them.
+    def _check_weights_agree(self, name, epochs, moving_statistics):
+        """Worker 1's final backbone weights equal the chief's model.keras; returns them.
 
-        Only the trainable ones: BatchNorm moving statistics are per replica
-        (docs/distributed.md), and model.keras holds the chief's.
+        The trainable ones always; the BatchNorm moving statistics only when
+        `moving_statistics` (synchronized BatchNorm): by default they are per
+        replica (docs/distributed.md), and model.keras holds the chief's.
         """
         model = keras.models.load_model(os.path.join(self.model_dir, training.MODEL_FILE))
         with np.load(self._weights_path(name)) as saved:
-            weights = [saved[f"arr_{index}"] for index in range(len(saved.files) - 1)]
+            trainable = saved["trainable"]
+            weights = [saved[f"arr_{index}"] for index in range(len(trainable))]
             iterations = int(saved["iterations"])
         self.assertEqual(iterations, epochs * _STEPS_PER_EPOCH)
-        chief_weights = [weight.numpy() for weight in model.trainable_weights]
+        chief_weights = [weight.numpy() for weight in model.backbone.weights]
         self.assertLen(weights, len(chief_weights))
-        for worker_weight, chief_weight in zip(weights, chief_weights):
-            self.assertAllEqual(worker_weight, chief_weight)
-        return weights
+        self.assertFalse(np.all(trainable))  # the BatchNorm moving statistics
+        for worker_weight, chief_weight, is_trainable in zip(weights, chief_weights, trainable):
+            if is_trainable or moving_statistics:
+                self.assertAllEqual(worker_weight, chief_weight)
+        return [weight for weight, is_trainable in zip(weights, trainable) if is_trainable]
 
     def _check_input_stats(self, num_workers):
         """Each worker decoded only its share of the embedded train split (5,748 images)."""
@@ -155,7 +160,9 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         return [int(row["epoch"]) for row in rows]
 
     def test_two_workers_train_write_once_and_resume(self):
-        chief_output, worker_output = self._launch(epochs=2, name="first")
+        chief_output, worker_output = self._launch(
+            epochs=2, name="first", synchronized_batch_norm=True
+        )
 
         self.assertCountEqual(
             os.listdir(self.model_dir),
@@ -180,7 +187,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.assertIsNone(self._worker_result(worker_output)["metrics"])
         self.assertNotIn("accuracy", worker_output)
         self.assertEqual(os.listdir(self._tmp_dir(1)), [])
-        first_weights = self._check_weights_agree("first", epochs=2)
+        first_weights = self._check_weights_agree("first", epochs=2, moving_statistics=True)
 
         chief_output, worker_output = self._launch(epochs=3, name="resumed")
 
@@ -191,7 +198,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         with open(os.path.join(self.model_dir, training.METRICS_FILE)) as file:
             metrics = json.load(file)
         self.assertEqual((metrics["epochs"], metrics["epochs_run_this_time"]), (3, 1))
-        resumed_weights = self._check_weights_agree("resumed", epochs=3)
+        resumed_weights = self._check_weights_agree("resumed", epochs=3, moving_statistics=False)
         moved = max(np.abs(a - b).max() for a, b in zip(first_weights, resumed_weights))
         self.assertGreater(moved, 0.0)
 
@@ -221,15 +228,18 @@ class CheckpointKindTest(tf.test.TestCase):
 
 
 class _SaveWeightsOnTrainEnd(keras.callbacks.Callback):
-    """Saves the trainable weights (arr_0, ...) and optimizer iterations at the end of training."""
+    """Saves the backbone's weights (arr_0, ...), which are trainable, and the optimizer
+    iterations at the end of training."""
 
     def __init__(self, path):
         super().__init__()
         self.path = path
 
     def on_train_end(self, logs=None):
+        weights = self.model.backbone.weights
         np.savez(
-            self.path, *[weight.numpy() for weight in self.model.trainable_weights],
+            self.path, *[weight.numpy() for weight in weights],
+            trainable=np.array([weight.trainable for weight in weights]),
             iterations=int(self.model.optimizer.iterations.numpy()),
         )
 

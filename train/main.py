@@ -53,6 +53,9 @@ _TARGET_LAYER = flags.DEFINE_string(
 _INIT_WEIGHTS = flags.DEFINE_string(
     "init_weights", _D.init_weights, "Local .weights.h5 to start from; layers of other shapes "
     "(a head for another class count) stay random.")
+_SYNCHRONIZED_BATCH_NORM = flags.DEFINE_bool(
+    "synchronized_batch_norm", _D.synchronized_batch_norm, "BatchNorm batch statistics over "
+    "all replicas (all-reduced every step) instead of per replica.")
 _EPOCHS = flags.DEFINE_integer("epochs", _D.epochs, "Total epochs (>= 1), resumed ones included.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", _D.batch_size, "Global batch in images (>= 2 per replica for contrastive).")
@@ -107,7 +110,8 @@ flags.DEFINE_alias("lambda", "lambda_")
 
 _HOLDERS = (
     _DATASET, _DATA_DIR, _IMAGE_SIZE, _EXAMPLES_PER_CLASS, _UNLABELED, _UNLABELED_SPLIT,
-    _SKIP_CORRUPT_IMAGES, _ARCH, _TARGET_LAYER, _INIT_WEIGHTS, _EPOCHS, _BATCH_SIZE,
+    _SKIP_CORRUPT_IMAGES, _ARCH, _TARGET_LAYER, _INIT_WEIGHTS, _SYNCHRONIZED_BATCH_NORM,
+    _EPOCHS, _BATCH_SIZE,
     _STEPS_PER_EPOCH, _LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY, _WEIGHT_DECAY_MODE,
     _LR_SCHEDULE, _LR_DECAY_EPOCHS,
     _LR_DECAY_FACTOR, _WARMUP_EPOCHS, _LAMBDA, _TEMPERATURE, _CONSISTENCY, _VIEWS,
