@@ -6,11 +6,14 @@ differentiably, to the Grad-CAM heatmap of `x_orig`. `PairedAugmentation` separa
 two halves: `sample()` draws the per-example parameters as a dict of tensors, and
 `apply_to_images()` / `apply_to_heatmaps()` apply them.
 
-The default T is the paper's: a random resized crop (area fraction in `area_range`,
-aspect ratio log-uniform in `aspect_ratio_range`, as torchvision's RandomResizedCrop),
-resized bilinearly back to the input size, then a horizontal flip. It is computed by
-`crop_flip_resize` with per-example separable bilinear taps (gathers), which is linear in
-the input (so differentiable), vectorised over the batch and compiles under XLA.
+T is the paper's: a random resized crop (area fraction in `area_range`, aspect ratio
+log-uniform in `aspect_ratio_range`, as torchvision's RandomResizedCrop), resized
+bilinearly back to the input size, then a horizontal flip. `crop_mode="torchvision"`
+(what cgc-train uses) draws integer pixel crops exactly as torchvision and resamples
+them as the reference does (`resized_crop`: torch's F.interpolate, align_corners=False);
+the default "continuous" draws sub-pixel boxes resampled as tf.image.crop_and_resize
+(`crop_flip_resize`). Both are per-example separable bilinear taps (gathers): linear in
+the input (so differentiable), vectorised over the batch, XLA-compilable.
 
 Extra geometric layers from keras-cv or Keras (rotation, zoom, ...) can follow. The
 common ones (see `_PROJECTIVE_MATRICES`) are applied with `projective_transform`, a
@@ -29,6 +32,8 @@ import keras
 import keras_cv
 import tensorflow as tf
 
+# How T's crop is drawn and resampled (PairedAugmentation's `crop_mode`).
+CROP_MODES = ("continuous", "torchvision")
 # torchvision's RandomResizedCrop tries 10 (area, ratio) candidates before falling back.
 _NUM_CROP_CANDIDATES = 10
 # Sampling coordinates this close (in pixels) outside the image count as on its border.
@@ -193,6 +198,77 @@ def crop_flip_resize(images, boxes, flips, output_size):
     # replaced (two einsums) cost O(output pixels x input side). Gathering whole rows
     # (axis 1) is faster on CPU than gathering along axis 2, hence the transposes.
     # benchmarks/crop_flip_resize.py measures both, with and without XLA.
+    resized = _resample_rows(images, rows)
+    resized = _resample_rows(tf.transpose(resized, [0, 2, 1, 3]), columns)
+    return tf.transpose(resized, [0, 2, 1, 3])
+
+
+def _half_pixel_taps(start, length, output_size):
+    """Bilinear taps of torch's `F.interpolate(crop, mode="bilinear", align_corners=False)`.
+
+    Along one axis, for the crop `input[start : start + length]` resized to
+    `output_size`: source = max((o + 0.5) * length / output_size - 0.5, 0) within the
+    crop, neighbours floor(source) and min(floor(source) + 1, length - 1), with
+    torch's float32 expressions (upsample_bilinear2d's CPU kernel).
+
+    Args:
+        start: int32 [B], first pixel of the crop.
+        length: int32 [B], pixels in the crop (>= 1).
+        output_size: Python int.
+
+    Returns:
+        (lower_index, upper_index, lower_weight, upper_weight), each [B, output_size]
+        (int32 indices into the whole axis, float32 weights).
+    """
+    start = tf.cast(start, tf.int32)[:, None]
+    length = tf.cast(length, tf.int32)[:, None]
+    scale = tf.cast(length, tf.float32) / float(output_size)
+    positions = tf.range(output_size, dtype=tf.float32)[None, :]
+    source = tf.maximum(scale * (positions + 0.5) - 0.5, 0.0)
+    lower = tf.floor(source)
+    fraction = source - lower
+    lower_index = tf.minimum(tf.cast(lower, tf.int32), length - 1)
+    upper_index = tf.minimum(lower_index + 1, length - 1)
+    return start + lower_index, start + upper_index, 1.0 - fraction, fraction
+
+
+@_no_autograph
+def resized_crop(images, crops, flips, output_size):
+    """torchvision's resized crop + flip on tensors, as the reference warps heatmaps.
+
+    Per example b with crop (i, j, h, w) = crops[b]: `F.interpolate(images[b, i:i+h,
+    j:j+w], output_size, mode="bilinear", align_corners=False)` (no antialiasing),
+    flipped left-right where `flips[b]`: the reference's `perform_gradcam_aug`
+    (models/utils.py) and, for images, torchvision's `resized_crop` up to PIL's
+    uint8 rounding. Separable bilinear taps applied with batched gathers, as in
+    `crop_flip_resize`: linear in `images` (its gradient is the exact transpose) and
+    XLA-compilable.
+
+    Args:
+        images: float [B, H, W, C]. Integer images are cast to float32.
+        crops: int32 [B, 4] pixel crops (top i, left j, height h, width w) inside the
+            image, h, w >= 1.
+        flips: bool or float [B]; true (nonzero) flips the example left-right.
+        output_size: two Python ints (out_h, out_w).
+
+    Returns:
+        [B, out_h, out_w, C], with the dtype of `images` (float32 for integer images).
+    """
+    output_height, output_width = _check_output_size(output_size)
+    images = tf.convert_to_tensor(images)
+    if not images.dtype.is_floating:
+        images = tf.cast(images, tf.float32)
+    if images.shape.rank != 4:
+        raise ValueError(
+            f"`images` must have rank 4 [B, H, W, C]; received shape {images.shape}."
+        )
+    crops = tf.cast(crops, tf.int32)
+    flips = tf.cast(flips, tf.bool)
+    rows = _half_pixel_taps(crops[:, 0], crops[:, 2], output_height)
+    columns = _half_pixel_taps(crops[:, 1], crops[:, 3], output_width)
+    columns = tuple(
+        tf.where(flips[:, None], tf.reverse(taps, axis=[1]), taps) for taps in columns
+    )
     resized = _resample_rows(images, rows)
     resized = _resample_rows(tf.transpose(resized, [0, 2, 1, 3]), columns)
     return tf.transpose(resized, [0, 2, 1, 3])
@@ -547,7 +623,9 @@ class PairedAugmentation(keras.layers.Layer):
     ```
 
     `transform` is a dict of tensors: `"boxes"` float32 [B, 4] (normalised
-    `[y1, x1, y2, x2]`, tf.image.crop_and_resize convention), `"flips"` bool [B], and
+    `[y1, x1, y2, x2]`, tf.image.crop_and_resize convention; with
+    `crop_mode="torchvision"`, `"crops"` int32 [B, 4] pixel (top, left, height, width)
+    instead), `"flips"` bool [B], and
     `"layer_transformations"`, a tuple with the transformation sampled by each geometric
     layer (the layer's own nest; keras-cv's RandomShear puts None in it for an unused
     axis, Keras layers may add Python ints for shapes).
@@ -581,6 +659,12 @@ class PairedAugmentation(keras.layers.Layer):
             geometric part, as `layer(images, training=True)` (e.g.
             `keras_cv.layers.RandomColorJitter`, `keras.layers.RandomContrast`).
         seed: optional int seed of the SeedGenerator.
+        crop_mode: "continuous" (sub-pixel boxes, `"boxes"` in the transform, resampled
+            as tf.image.crop_and_resize by `crop_flip_resize`) or "torchvision" (the
+            reference's T: integer crops drawn as torchvision's
+            RandomResizedCrop.get_params, `"crops"` (i, j, h, w) in the transform,
+            resampled as torch's F.interpolate(bilinear, align_corners=False) by
+            `resized_crop`).
         name: layer name.
         dtype: layer dtype policy.
     """
@@ -593,10 +677,14 @@ class PairedAugmentation(keras.layers.Layer):
         geometric_layers=(),
         photometric_layers=(),
         seed=None,
+        crop_mode="continuous",
         name=None,
         dtype=None,
     ):
         super().__init__(name=name, dtype=dtype)
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"`crop_mode` must be one of {CROP_MODES}; received {crop_mode!r}.")
+        self.crop_mode = crop_mode
         self.area_range = _check_range(
             "area_range",
             area_range,
@@ -665,7 +753,8 @@ class PairedAugmentation(keras.layers.Layer):
             image_width: int or int32 scalar tensor, width of the images to transform.
 
         Returns:
-            dict with `"boxes"` float32 [B, 4], `"flips"` bool [B] and
+            dict with `"boxes"` float32 [B, 4] (crop_mode "continuous") or `"crops"`
+            int32 [B, 4] (crop_mode "torchvision"), `"flips"` bool [B] and
             `"layer_transformations"` (tuple, one entry per geometric layer).
         """
         height = tf.cast(image_height, tf.float32)
@@ -680,6 +769,84 @@ class PairedAugmentation(keras.layers.Layer):
         )
         if replicas > 1:
             uniforms = uniforms[first_row : first_row + batch_size]
+        if self.crop_mode == "torchvision":
+            geometry = {"crops": self._torchvision_crops(uniforms, image_height, image_width)}
+        else:
+            geometry = {"boxes": self._continuous_boxes(uniforms, height, width)}
+        flips = uniforms[:, 2 * count + 2] < self.flip_probability
+        layer_transformations = ()
+        if self.geometric_layers:
+            # Some layers read the image shape from `images`; this zero-size-channel
+            # stand-in carries the shape without costing memory.
+            shape_carrier = tf.zeros([batch_size * replicas, image_height, image_width, 0])
+            layer_transformations = tuple(
+                _replica_rows(
+                    self._sample_layer(layer, batch_size * replicas, shape_carrier),
+                    first_row,
+                    batch_size,
+                    replicas,
+                )
+                for layer in self.geometric_layers
+            )
+        return {**geometry, "flips": flips, "layer_transformations": layer_transformations}
+
+    def _torchvision_crops(self, uniforms, image_height, image_width):
+        """torchvision's RandomResizedCrop.get_params per row: int32 [B, 4] (i, j, h, w).
+
+        Ten (area, log-ratio) candidates, sides rounded half to even as Python's
+        round(), the first that fits, a uniform integer offset; else the central
+        crop with the ratio clipped into the range.
+        """
+        count = _NUM_CROP_CANDIDATES
+        height = tf.cast(image_height, tf.float32)
+        width = tf.cast(image_width, tf.float32)
+        minimum_area, maximum_area = self.area_range
+        area = height * width * (
+            minimum_area + (maximum_area - minimum_area) * uniforms[:, :count]
+        )
+        log_minimum = math.log(self.aspect_ratio_range[0])
+        log_maximum = math.log(self.aspect_ratio_range[1])
+        ratio = tf.exp(
+            log_minimum + (log_maximum - log_minimum) * uniforms[:, count : 2 * count]
+        )
+        crop_width = tf.round(tf.sqrt(area * ratio))
+        crop_height = tf.round(tf.sqrt(area / ratio))
+        fits = (crop_width > 0) & (crop_width <= width) & (crop_height > 0) & (
+            crop_height <= height
+        )
+        candidate = tf.reduce_min(tf.where(fits, tf.range(count)[None, :], count), axis=1)
+        choice = tf.one_hot(candidate, count, dtype=tf.float32)
+        found = tf.reduce_any(fits, axis=1)
+        image_ratio = width / height
+        fallback_width = tf.where(
+            image_ratio > self.aspect_ratio_range[1],
+            tf.round(height * self.aspect_ratio_range[1]),
+            width,
+        )
+        fallback_height = tf.where(
+            image_ratio < self.aspect_ratio_range[0],
+            tf.round(width / self.aspect_ratio_range[0]),
+            height,
+        )
+        crop_height = tf.where(found, tf.reduce_sum(crop_height * choice, axis=1), fallback_height)
+        crop_width = tf.where(found, tf.reduce_sum(crop_width * choice, axis=1), fallback_width)
+        # torch.randint(0, side - crop + 1); the central offset when falling back.
+        offsets = uniforms[:, 2 * count : 2 * count + 2]
+        top = tf.where(
+            found,
+            tf.minimum(tf.floor(offsets[:, 0] * (height - crop_height + 1.0)), height - crop_height),
+            tf.floor((height - crop_height) / 2.0),
+        )
+        left = tf.where(
+            found,
+            tf.minimum(tf.floor(offsets[:, 1] * (width - crop_width + 1.0)), width - crop_width),
+            tf.floor((width - crop_width) / 2.0),
+        )
+        return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1), tf.int32)
+
+    def _continuous_boxes(self, uniforms, height, width):
+        """Sub-pixel boxes, float32 [B, 4] in the crop_and_resize convention."""
+        count = _NUM_CROP_CANDIDATES
         minimum_area, maximum_area = self.area_range
         area = minimum_area + (maximum_area - minimum_area) * uniforms[:, :count]
         log_minimum = math.log(self.aspect_ratio_range[0])
@@ -729,26 +896,7 @@ class PairedAugmentation(keras.layers.Layer):
             ],
             axis=1,
         )
-        flips = uniforms[:, 2 * count + 2] < self.flip_probability
-        layer_transformations = ()
-        if self.geometric_layers:
-            # Some layers read the image shape from `images`; this zero-size-channel
-            # stand-in carries the shape without costing memory.
-            shape_carrier = tf.zeros([batch_size * replicas, image_height, image_width, 0])
-            layer_transformations = tuple(
-                _replica_rows(
-                    self._sample_layer(layer, batch_size * replicas, shape_carrier),
-                    first_row,
-                    batch_size,
-                    replicas,
-                )
-                for layer in self.geometric_layers
-            )
-        return {
-            "boxes": boxes,
-            "flips": flips,
-            "layer_transformations": layer_transformations,
-        }
+        return boxes
 
     def _sample_layer(self, layer, batch_size, shape_carrier):
         if _is_keras_cv_layer(layer):
@@ -776,9 +924,10 @@ class PairedAugmentation(keras.layers.Layer):
         return layer.transform_images(images, transformation, training=True)
 
     def _check_transform(self, transform):
-        if not isinstance(transform, dict) or not {"boxes", "flips"} <= set(transform):
+        geometry = "crops" if self.crop_mode == "torchvision" else "boxes"
+        if not isinstance(transform, dict) or not {geometry, "flips"} <= set(transform):
             raise ValueError(
-                "`transform` must be the dict returned by `sample()` (keys 'boxes', "
+                f"`transform` must be the dict returned by `sample()` (keys '{geometry}', "
                 f"'flips', 'layer_transformations'); received {transform!r}."
             )
         transformations = tuple(transform.get("layer_transformations", ()))
@@ -800,9 +949,14 @@ class PairedAugmentation(keras.layers.Layer):
                 "The spatial size of the inputs must be known statically (it sets the "
                 f"output size); received shape {inputs.shape}."
             )
-        outputs = crop_flip_resize(
-            inputs, transform["boxes"], transform["flips"], (height, width)
-        )
+        if self.crop_mode == "torchvision":
+            outputs = resized_crop(
+                inputs, transform["crops"], transform["flips"], (height, width)
+            )
+        else:
+            outputs = crop_flip_resize(
+                inputs, transform["boxes"], transform["flips"], (height, width)
+            )
         for layer, transformation in zip(self.geometric_layers, transformations):
             outputs = self._apply_layer(layer, outputs, transformation, heatmaps)
         return outputs
@@ -881,6 +1035,7 @@ class PairedAugmentation(keras.layers.Layer):
                     for layer in self.photometric_layers
                 ],
                 "seed": self.seed,
+                "crop_mode": self.crop_mode,
             }
         )
         return config

@@ -644,7 +644,10 @@ def _build_model(config, num_classes, steps_per_epoch, strategy, say):
             temperature=config.temperature,
             consistency=config.consistency,
             views=config.views,
-            augmentation=PairedAugmentation(area_range=(config.transform_min_area, 1.0)),
+            # T as the reference draws and resamples it (integer crops, torch's bilinear).
+            augmentation=PairedAugmentation(
+                area_range=(config.transform_min_area, 1.0), crop_mode="torchvision"
+            ),
             global_negatives=config.global_negatives,
         )
         model(tf.zeros((1, config.image_size, config.image_size, 3)))

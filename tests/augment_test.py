@@ -122,6 +122,96 @@ class CropFlipResizeTest(tf.test.TestCase, parameterized.TestCase):
             )
 
 
+def _torch_resized_crop(images, crops, flips, output_size):
+    """numpy transcription of F.interpolate(image[i:i+h, j:j+w], bilinear,
+    align_corners=False) + flip, per example (torch's upsample_bilinear2d)."""
+
+    def taps(length, size):
+        # float32 source coordinates, as torch's kernel computes them.
+        scale = np.float32(length) / np.float32(size)
+        positions = np.arange(size, dtype=np.float32) + np.float32(0.5)
+        source = np.maximum(scale * positions - np.float32(0.5), np.float32(0.0))
+        lower = np.minimum(np.floor(source).astype(int), length - 1)
+        upper = np.minimum(lower + 1, length - 1)
+        return lower, upper, source - np.floor(source)
+
+    outputs = []
+    for image, (top, left, height, width), flip in zip(images, crops, flips):
+        crop = image[top : top + height, left : left + width].astype(np.float64)
+        lower, upper, fraction = taps(height, output_size[0])
+        rows = (1 - fraction)[:, None, None] * crop[lower] + fraction[:, None, None] * crop[upper]
+        lower, upper, fraction = taps(width, output_size[1])
+        out = (1 - fraction)[None, :, None] * rows[:, lower] + fraction[None, :, None] * rows[:, upper]
+        outputs.append(out[:, ::-1] if flip else out)
+    return np.stack(outputs)
+
+
+class ResizedCropTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("same_size", (16, 20)), ("smaller", (7, 5)), ("larger", (31, 27)), ("one", (1, 1))
+    )
+    def test_matches_torch_interpolate_of_the_crop(self, output_size):
+        images = _images(batch=5, height=16, width=20).numpy()
+        crops = np.array(
+            [[0, 0, 16, 20], [3, 2, 9, 7], [5, 4, 1, 1], [0, 10, 16, 10], [12, 0, 4, 20]]
+        )
+        flips = np.array([False, True, False, True, True])
+        got = augment.resized_crop(images, crops, flips, output_size)
+        expected = _torch_resized_crop(images, crops, flips, output_size)
+        self.assertAllClose(expected, got, atol=1e-6, rtol=0)
+
+    def test_gradient_is_the_transpose(self):
+        images = _images(batch=2, height=12, width=10, channels=1)
+        crops = tf.constant([[2, 1, 6, 7], [0, 0, 12, 10]])
+        cotangent = tf.random.stateless_normal([2, 12, 10, 1], seed=[1, 2])
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            inner = tf.reduce_sum(cotangent * augment.resized_crop(images, crops, [1, 0], (12, 10)))
+        gradient = tape.gradient(inner, images)
+        # Linear map: <A x, c> = <x, A^T c> for the gradient A^T c.
+        self.assertAllClose(inner, tf.reduce_sum(gradient * images), rtol=1e-5)
+
+    def test_torchvision_crops_are_integer_and_in_range(self):
+        augmentation = augment.PairedAugmentation(crop_mode="torchvision", seed=3)
+        transform = augmentation.sample(2000, 24, 32)
+        self.assertNotIn("boxes", transform)
+        crops = transform["crops"].numpy()
+        self.assertEqual(crops.dtype, np.int32)
+        top, left, height, width = crops.T
+        self.assertTrue(np.all((top >= 0) & (left >= 0) & (height >= 1) & (width >= 1)))
+        self.assertTrue(np.all((top + height <= 24) & (left + width <= 32)))
+        areas = height * width / (24 * 32)
+        # Rounded sides: areas within a pixel row/column of [0.08, 1].
+        self.assertGreater(areas.min(), 0.08 - 0.1)
+        self.assertLess(areas.min(), 0.12)
+        self.assertEqual(areas.max(), 1.0)
+        self.assertGreater(np.std(top), 1.0)
+        self.assertGreater(np.std(left), 1.0)
+
+    def test_torchvision_fallback_is_the_central_crop(self):
+        # Square crops cannot cover a 16x32 image, and area 1 needs the whole image:
+        # every candidate fails, torchvision takes the central 16x16 crop.
+        augmentation = augment.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), crop_mode="torchvision"
+        )
+        crops = augmentation.sample(BATCH, 16, 32)["crops"]
+        self.assertAllEqual(tf.tile([[0, 8, 16, 16]], [BATCH, 1]), crops)
+
+    def test_torchvision_mode_warps_images_and_heatmaps_alike(self):
+        augmentation = augment.PairedAugmentation(crop_mode="torchvision", seed=1)
+        images = _images(batch=4, height=16, width=16, channels=1)
+        transform = augmentation.sample(4, 16, 16)
+        expected = _torch_resized_crop(
+            images.numpy(), transform["crops"].numpy(), transform["flips"].numpy(), (16, 16)
+        )
+        self.assertAllClose(expected, augmentation.apply_to_images(images, transform), atol=1e-6)
+        self.assertAllClose(
+            expected[..., 0], augmentation.apply_to_heatmaps(images[..., 0], transform), atol=1e-6
+        )
+        with self.assertRaisesRegex(ValueError, "'crops'"):
+            augmentation.apply_to_images(images, augment.PairedAugmentation().sample(4, 16, 16))
+
+
 class ProjectiveTransformTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.product(
         fill_mode=["constant", "nearest", "reflect", "wrap"],
@@ -526,6 +616,7 @@ class PairedAugmentationTest(tf.test.TestCase, parameterized.TestCase):
                     )
                 ],
                 "seed": 3,
+                "crop_mode": "torchvision",
                 "name": "paired",
             },
         ),
@@ -556,6 +647,7 @@ class PairedAugmentationTest(tf.test.TestCase, parameterized.TestCase):
         ("flip_negative", {"flip_probability": -0.1}, r"flip_probability.*\[0, 1\].*-0\.1"),
         ("flip_above_one", {"flip_probability": 1.5}, "flip_probability"),
         ("seed_string", {"seed": "abc"}, "seed"),
+        ("crop_mode", {"crop_mode": "pil"}, "crop_mode.*'pil'"),
         ("geometric_not_layer", {"geometric_layers": [object()]}, r"geometric_layers\[0\]"),
         ("geometric_dense", {"geometric_layers": [keras.layers.Dense(2)]}, "Dense"),
         (
