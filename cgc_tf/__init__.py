@@ -16,7 +16,11 @@ __version__ = "0.1.0"
 # Keras reads KERAS_BACKEND at import; cgc-tf is written against tf.GradientTape.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
+from cgc_tf import console  # noqa: E402 (standard library only)
+
+# TensorFlow's import prints C++ start-up notices that TF_CPP_MIN_LOG_LEVEL cannot hide.
+with console.quiet_stderr():
+    import keras  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(

@@ -1,6 +1,6 @@
 """cgc-evaluate: accuracy and explanation metrics of a trained model, and a PNG grid.
 
-  cgc-evaluate --model=cgc_runs/cluttered_digits
+  cgc-evaluate --model_dir=cgc_runs/cluttered_digits   # what cgc-train --model_dir wrote
   cgc-evaluate --model=runs/cgc --compare=runs/baseline --max_images=500
   cgc-evaluate --model=runs/cgc --protocol=paper
   cgc-evaluate --model=runs/imagenet --protocol=paper --annotated_folder=/data/val_flat
@@ -15,10 +15,17 @@ the reference code's (cgc_tf.paper_protocol), written to metrics.json in
 
 import json
 import os
+import sys
 
-from absl import app
-from absl import flags
+# Before TensorFlow is imported: hide its C++ INFO and WARNING lines unless asked for.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "A cgc-train --model_dir (holds model.keras and config.json); or --model."
+)
 _MODEL = flags.DEFINE_string(
     "model", None, "A .keras file, a model_dir from cgc-train, or a cgc-export SavedModel."
 )
@@ -67,7 +74,7 @@ _TRANSFORM_MIN_AREA = flags.DEFINE_float(
 _GRID_IMAGES = flags.DEFINE_integer(
     "grid_images", 8, "Images (rows) in grid.png, >= 0 (0: no grid).", lower_bound=0
 )
-flags.mark_flag_as_required("model")
+flags.mark_flags_as_mutual_exclusive(["model", "model_dir"], required=True)
 
 
 def _training_augmentation(min_area):
@@ -125,6 +132,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
     _check_path("model", _MODEL.value)
+    _check_path("model_dir", _MODEL_DIR.value)
+    model_path = _MODEL_DIR.value or _MODEL.value
     _check_path("compare", _COMPARE.value)
     _check_path("annotated_folder", _ANNOTATED_FOLDER.value)
     _check_path("class_names", _CLASS_NAMES.value)
@@ -140,12 +149,15 @@ def main(argv):
     from cgc_tf import evaluation
     from cgc_tf import paper_protocol
 
-    config = evaluation.read_model_dir_config(_MODEL.value)
+    from cgc_tf import console
+
+    console.setup(verbose=flags.FLAGS["verbosity"].present)
+    config = evaluation.read_model_dir_config(model_path)
     dataset = _DATASET.value or config.get("dataset")
     if not dataset:
-        raise app.UsageError(f"--dataset is required: {_MODEL.value!r} has no config.json")
+        raise app.UsageError(f"--dataset is required: {model_path!r} has no config.json")
     data_dir = _DATA_DIR.value or config.get("data_dir")
-    paths = [_MODEL.value] + ([_COMPARE.value] if _COMPARE.value else [])
+    paths = [model_path] + ([_COMPARE.value] if _COMPARE.value else [])
     names = [_display_name(path) for path in paths]
     if len(set(names)) < len(names):
         names = ["model", "compare"]
@@ -162,7 +174,7 @@ def main(argv):
             f"--image_size={image_size} but the model takes {model_size[0]}x{model_size[1]} images"
         )
     output_dir = _OUTPUT_DIR.value or (
-        _MODEL.value if os.path.isdir(_MODEL.value) else "evaluation"
+        model_path if os.path.isdir(model_path) else "evaluation"
     )
     if paper and not _OUTPUT_DIR.value:  # never overwrite the training's metrics.json
         output_dir = os.path.join(output_dir, "paper_protocol")
@@ -179,7 +191,7 @@ def main(argv):
             with_boxes=info.has_bounding_boxes,
         )
 
-    print(f"cgc-tf {cgc_tf.__version__}: evaluating {_MODEL.value} on {dataset} "
+    print(f"cgc-tf {cgc_tf.__version__}: evaluating {model_path} on {dataset} "
           f"({_SPLIT.value or info.eval_split}, {image_size}x{image_size}, seed {_SEED.value}, "
           f"protocol {_PROTOCOL.value})")
     if paper:
@@ -237,6 +249,12 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-evaluate)."""
+    # As cgc_tf.console.describe_binary, without importing TensorFlow before the flag
+    # checks: --help shows this module's docstring and flags under the console script.
+    if sys.modules["__main__"] is not sys.modules[__name__]:
+        sys.modules["__main__"].__doc__ = __doc__
+        for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 

@@ -1,6 +1,6 @@
 """cgc-export: export a trained CGC model as a verified SavedModel and ONNX.
 
-  cgc-export --model=cgc_runs/cluttered_digits            # a training model_dir
+  cgc-export --model_dir=cgc_runs/cluttered_digits        # what cgc-train --model_dir wrote
   cgc-export --model=model.keras --export_dir=/srv/models/cgc --version=2
 
 Writes <export_dir>/<version>/ (TF Serving layout), <export_dir>/model.onnx and
@@ -8,13 +8,21 @@ Writes <export_dir>/<version>/ (TF Serving layout), <export_dir>/model.onnx and
 `cgc_tf.export.export_from_path`; this file only parses flags.
 """
 
+import os
 import sys
 
-from absl import app
-from absl import flags
+# Before TensorFlow is imported: hide its C++ INFO and WARNING lines unless asked for.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cgc_tf import export
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 
+from cgc_tf import console  # noqa: E402
+from cgc_tf import export  # noqa: E402
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "A cgc-train --model_dir (holds model.keras); or give --model."
+)
 _MODEL = flags.DEFINE_string(
     "model", None, "A trained model: a .keras file or a training model_dir holding model.keras."
 )
@@ -57,11 +65,16 @@ _OVERWRITE = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    if not _MODEL.value:
-        raise app.UsageError("--model is required: a .keras file or a training model_dir")
+    if bool(_MODEL.value) == bool(_MODEL_DIR.value):
+        raise app.UsageError(
+            "give exactly one of --model_dir (a cgc-train model_dir) or --model (a .keras file)"
+        )
+    if _MODEL_DIR.value and not os.path.isdir(_MODEL_DIR.value):
+        raise app.UsageError(f"--model_dir={_MODEL_DIR.value!r} is not a directory")
+    console.setup(verbose=flags.FLAGS["verbosity"].present)
     try:
         report = export.export_from_path(
-            _MODEL.value,
+            _MODEL_DIR.value or _MODEL.value,
             export_dir=_EXPORT_DIR.value,
             class_names_file=_CLASS_NAMES_FILE.value,
             version=_VERSION.value,
@@ -80,7 +93,8 @@ def main(argv):
 
 
 def run():
-    """Console-script entry point."""
+    """Console-script entry point (cgc-export)."""
+    console.describe_binary(flags.FLAGS, sys.modules[__name__])
     app.run(main)
 
 

@@ -20,6 +20,7 @@ ALLOWED = {
     "losses": set(),
     "distribute": set(),
     "config": set(),
+    "console": set(),
     "visualize": set(),
     "backbones": set(),
     "augment": set(),

@@ -80,7 +80,7 @@ class ExportBinaryTest(tf.test.TestCase):
                 sys.executable,
                 "-m",
                 "export.main",
-                f"--model={self.model_dir}",
+                f"--model_dir={self.model_dir}",
                 f"--export_dir={export_dir}",
                 f"--class_names_file={self.class_names_file}",
                 "--version=3",
@@ -119,6 +119,13 @@ class ExportBinaryTest(tf.test.TestCase):
                 export_main.main(["cgc-export"])
         with self.assertRaisesRegex(Exception, r"unexpected arguments \['extra'\]"):
             export_main.main(["cgc-export", "extra"])
+        with flagsaver.flagsaver(model=self.model_dir, model_dir=self.model_dir):
+            with self.assertRaisesRegex(Exception, r"exactly one of --model_dir .* or --model"):
+                export_main.main(["cgc-export"])
+        keras_file = os.path.join(self.model_dir, "model.keras")
+        with flagsaver.flagsaver(model_dir=keras_file):
+            with self.assertRaisesRegex(Exception, r"--model_dir='.*model.keras' is not a dir"):
+                export_main.main(["cgc-export"])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
-"""The installed package: every console script's entry point imports."""
+"""The installed package: every console script's entry point imports, --help lists its flags."""
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _console_scripts():
@@ -27,3 +33,39 @@ def test_console_scripts_load():
         assert spec is not None and spec.origin, name
         with open(spec.origin) as source:
             assert f"def {function}(" in source.read(), name
+
+
+# Flags (with a word of their help text) each binary's --help must list.
+_OWN_FLAGS = {
+    "cgc-train": {"--model_dir": "Output directory", "--epochs": "Total epochs",
+                  "--lambda_": "Consistency loss weight", "--dataset": "cluttered_digits"},
+    "cgc-export": {"--model_dir": "cgc-train --model_dir", "--export_dir": "Destination",
+                   "--opset": "ONNX opset"},
+    "cgc-evaluate": {"--model_dir": "cgc-train --model_dir", "--compare": "second model",
+                     "--max_images": "at most"},
+}
+
+
+def _help(command):
+    result = subprocess.run(
+        command + ["--help"], capture_output=True, text=True, check=False, timeout=600, cwd=REPO
+    )
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _console_scripts(), reason="cgc-tf is not pip-installed")
+def test_help_lists_each_binarys_own_flags():
+    for name, expected in _OWN_FLAGS.items():
+        text = _help([shutil.which(name)])
+        assert "Try --helpfull" in text, text[-2000:]
+        for flag, help_words in expected.items():
+            lines = [line for line in text.splitlines() if line.strip().startswith(flag + ":")]
+            assert lines, f"{name} --help does not list {flag}:\n{text[-3000:]}"
+            # The help text follows the flag name (wrapped, so read on from it).
+            assert help_words in text[text.index(lines[0]):][:400], (name, flag)
+        # absl's own flags stay behind --helpfull.
+        assert "--logtostderr" not in text, name
+    # Run as a module, __main__ is the binary itself: its flags are listed too.
+    text = _help([sys.executable, "-m", "train.main"])
+    assert "  --epochs: Total epochs" in text, text[-2000:]

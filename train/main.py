@@ -23,6 +23,7 @@ from absl import logging  # noqa: E402
 
 from cgc_tf import callbacks  # noqa: E402
 from cgc_tf import config as config_lib  # noqa: E402
+from cgc_tf import console  # noqa: E402
 from cgc_tf import data  # noqa: E402
 from cgc_tf import export  # noqa: E402
 from cgc_tf import training  # noqa: E402
@@ -141,8 +142,11 @@ def _export(config):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    devices = console.setup(verbose=flags.FLAGS["verbosity"].present)
     try:
         config = config_from_flags().validate()
+        precision = "float32" if config.mixed_precision == "none" else config.mixed_precision
+        print(f"cgc-train: {devices} visible, strategy {config.strategy}, precision {precision}")
         metrics = training.run_training(config)
         # None on the non-chief workers of --strategy=multi_worker: only the chief exports.
         if config.export and metrics is not None:
@@ -159,6 +163,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-train)."""
+    console.describe_binary(flags.FLAGS, sys.modules[__name__])
     app.run(main)
 
 

@@ -1,0 +1,159 @@
+"""Quiet console output: TensorFlow's start-up notices and other libraries' INFO lines hidden.
+
+TensorFlow 2.21 writes its C++ start-up lines (absl's "before absl::InitializeLog()"
+warning, the oneDNN notice, "Could not find cuda drivers", "failed call to cuInit")
+before its logging reads TF_CPP_MIN_LOG_LEVEL, and no environment variable silences
+the oneDNN notice without changing the maths (TF_ENABLE_ONEDNN_OPTS=1 still prints it).
+`quiet_stderr` therefore filters the process's file descriptor 2 around TensorFlow's
+import and its first device query; `setup` hides other libraries' Python log records
+(tfds INFO, deprecation and AutoGraph warnings) in the binaries.
+
+Honours the user's choice: TF_CPP_MIN_LOG_LEVEL=0 shows every C++ line, another level
+hides the C++ lines below it (unset: 2); the binaries skip `setup`'s log filter when
+--verbosity is given.
+Standard library only: cgc_tf/__init__.py imports this module before TensorFlow.
+"""
+
+import collections
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+
+# A C++ log line: severity, date (0000 before absl::InitializeLog), time (or epoch seconds),
+# thread, file:line].
+_CPP_LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ [\w./+-]+:\d+\] ")
+_SEVERITIES = "IWEF"
+_DEFAULT_LEVEL = 2  # hide INFO and WARNING, as TF_CPP_MIN_LOG_LEVEL=2
+# Errors TensorFlow logs on every machine without a usable CUDA driver: not errors of the run.
+_NO_CUDA_ERRORS = ("failed call to cuInit", "Unable to register cu")
+# Lines that are not C++ log lines but belong to hidden ones.
+_STARTUP_NOTICES = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "To enable the following instructions:",  # second line of cpu_feature_guard's INFO
+)
+_OWN_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpp_log_level():
+    """TF_CPP_MIN_LOG_LEVEL as an int; 2 when unset or not an integer."""
+    try:
+        return int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    except (KeyError, ValueError):
+        return _DEFAULT_LEVEL
+
+
+def is_startup_noise(line, level=_DEFAULT_LEVEL):
+    """Whether a line of stderr is TensorFlow start-up noise to hide.
+
+    Args:
+      line: str, one line of stderr (with or without its newline).
+      level: int, TF_CPP_MIN_LOG_LEVEL: C++ lines below it are hidden (0 INFO,
+        1 WARNING, 2 ERROR, 3 FATAL); from 2 on also the errors every machine
+        without a CUDA driver logs ("failed call to cuInit"): the device list
+        the binaries print says whether a GPU is used.
+
+    Returns:
+      bool.
+    """
+    match = _CPP_LOG_LINE.match(line)
+    if match:
+        if _SEVERITIES.index(match.group(1)) < level:
+            return True
+        return level >= 2 and any(error in line for error in _NO_CUDA_ERRORS)
+    return level >= 1 and line.startswith(_STARTUP_NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Filters TensorFlow's C++ start-up lines out of fd 2 while the block runs.
+
+    Everything the block writes to stderr is held in a temporary file and written
+    back afterwards without the lines `is_startup_noise` hides (C++ code writes to
+    the file descriptor, so sys.stderr alone cannot be redirected). With
+    TF_CPP_MIN_LOG_LEVEL=0 nothing is filtered.
+    """
+    level = _cpp_log_level()
+    if level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = [line for line in lines if not is_startup_noise(line, level)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _ours_or_error(record):
+    """Keeps records of cgc_tf itself and every record at ERROR or above."""
+    return record.levelno >= logging.ERROR or record.pathname.startswith(_OWN_DIRECTORY)
+
+
+def setup(verbose=False):
+    """Quiets a binary's console; call first in its main(), after its flags are parsed.
+
+    Hides other libraries' Python log records below ERROR (tfds's INFO lines,
+    TensorFlow's deprecation and AutoGraph warnings); cgc_tf's own records and
+    every error stay.
+
+    Args:
+      verbose: bool, True when the user chose a verbosity (e.g. absl's
+        --verbosity): then nothing is hidden.
+
+    Returns:
+      str: the visible devices by kind, e.g. "1 CPU" or "1 CPU, 2 GPU".
+    """
+    if not verbose:
+        for name in ("absl", "tensorflow"):
+            logger = logging.getLogger(name)
+            if _ours_or_error not in logger.filters:
+                logger.addFilter(_ours_or_error)
+    return visible_devices()
+
+
+def visible_devices():
+    """The physical devices TensorFlow sees, by kind, e.g. "1 CPU, 2 GPU".
+
+    Lists physical devices only, so the runtime stays unconfigured (strategies,
+    logical devices) and the "failed call to cuInit" of CPU-only machines is hidden.
+    """
+    import tensorflow as tf  # noqa: PLC0415 (this module is imported before TensorFlow)
+
+    with quiet_stderr():
+        devices = tf.config.list_physical_devices()
+    counts = collections.Counter(device.device_type for device in devices)
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+
+
+def describe_binary(flag_values, module):
+    """Makes a console script's `--help` show `module`'s docstring and flags.
+
+    absl's --help prints the docstring of `__main__` and the key flags of
+    sys.argv[0]; under a console script (`cgc-train`) `__main__` is the generated
+    wrapper, which has neither. Nothing changes when `module` runs as `__main__`
+    (`python -m train.main`).
+
+    Args:
+      flag_values: absl's `flags.FLAGS` (passed in: the library does not import
+        absl.flags).
+      module: the binary's module object, whose flags are its key flags.
+    """
+    main = sys.modules["__main__"]
+    if main is module:
+        return
+    main.__doc__ = module.__doc__
+    for flag in flag_values.get_key_flags_for_module(module.__name__):
+        flag_values.register_key_flag_for_module(sys.argv[0], flag)
