@@ -90,7 +90,8 @@ def main(argv):
                 model_dir = runs_lib.run_dir(output_dir, regime, method, seed)
                 command = runs_lib.train_command(regime, method, seed, model_dir, extra, _HOLDOUT.value)
                 pending.append((command, model_dir))
-    runs_lib.run_all(pending, _JOBS.value)
+    # require_record: run directories of earlier method definitions are refused.
+    runs_lib.run_all(pending, _JOBS.value, require_record=True)
 
     results = []
     for regime in _REGIMES.value:

@@ -43,6 +43,8 @@ COLUMNS = (
     ("pointing_game", "pointing %", 100.0),
 )
 UNTRAINED = "untrained"
+# The command line a run directory was started with (run_all).
+COMMAND_FILE = "command.json"
 
 
 def run_dir(output_dir, regime, method, seed):
@@ -171,18 +173,51 @@ def markdown_table(summary, regimes, methods, columns=COLUMNS):
     return "\n".join(lines)
 
 
-def run_all(runs, jobs):
+def check_same_command(command, model_dir, require_record=True):
+    """Refuses a run directory started by another command line (its results would be stale).
+
+    Args:
+      command: the run's command (list of str; the interpreter, command[0], is ignored).
+      model_dir: its directory; `run_all` records model_dir/command.json there.
+      require_record: also refuse a started run (config.json exists) without
+        command.json, e.g. one from before the method definitions changed.
+
+    Raises:
+      RuntimeError: naming the directory and both command lines.
+    """
+    path = os.path.join(model_dir, COMMAND_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    elif require_record and os.path.exists(os.path.join(model_dir, "config.json")):
+        recorded = None
+    else:
+        return
+    if recorded != command[1:]:
+        raise RuntimeError(
+            f"{model_dir} holds a run of another command ({COMMAND_FILE}: {recorded}), not of "
+            f"{command[1:]}: its results would not be this run's. Use another output "
+            "directory, or delete that run directory to train it again"
+        )
+
+
+def run_all(runs, jobs, require_record=False):
     """Runs training commands, `jobs` at a time, skipping finished ones.
 
     Args:
       runs: list of (command, model_dir): a `train_command` and its --model_dir.
         A run whose metrics.json exists is skipped; an unfinished one resumes
-        (the binary's own resume). Output goes to model_dir/train.log.
+        (the binary's own resume). Output goes to model_dir/train.log, the
+        command to model_dir/command.json.
       jobs: int >= 1, runs at once.
+      require_record: see `check_same_command`.
 
     Raises:
-      RuntimeError: naming the log of the first run that failed.
+      RuntimeError: naming the log of the first run that failed, or a run
+        directory of another command (`check_same_command`), before any run starts.
     """
+    for command, model_dir in runs:
+        check_same_command(command, model_dir, require_record)
     pending = [(command, model_dir) for command, model_dir in runs
                if read_metrics(model_dir) is None]
     total = len(runs)
@@ -194,6 +229,8 @@ def run_all(runs, jobs):
         while pending and len(running) < jobs:
             command, model_dir = pending.pop(0)
             os.makedirs(model_dir, exist_ok=True)
+            with open(os.path.join(model_dir, COMMAND_FILE), "w") as f:
+                json.dump(command[1:], f, indent=2)
             print("$ " + " ".join(command[1:]), flush=True)
             log = open(os.path.join(model_dir, "train.log"), "a")
             running.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log), log,

@@ -131,6 +131,7 @@ def main(argv):
         [(point_command(regime, point, seed, model_dir, _EXTRA.value), model_dir)
          for point, seed, model_dir in plan],
         _JOBS.value,
+        require_record=True,
     )
     table_points = list(SWEEPS[_SWEEP.value])
     results = [run for run in finished_runs(output_dir, regime) if run["method"] in table_points]

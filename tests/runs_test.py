@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -96,6 +97,27 @@ class ReproduceTest(tf.test.TestCase):
             self.assertEqual(f.read(), table + "\n")
         with open(os.path.join(output_dir, "results.json")) as f:
             self.assertEqual(json.load(f), results)
+
+    def test_run_all_records_commands_and_refuses_other_commands(self):
+        output_dir = tempfile.mkdtemp()
+        first, second = os.path.join(output_dir, "a"), os.path.join(output_dir, "b")
+        command = [sys.executable, "-c", "pass", "--seed=0"]
+        runs.run_all([(command, first)], jobs=1)
+        with open(os.path.join(first, runs.COMMAND_FILE)) as f:
+            self.assertEqual(json.load(f), command[1:])
+        # The same command (another interpreter path too) is accepted again.
+        runs.run_all([(["python"] + command[1:], first)], jobs=1)
+        other = command[:-1] + ["--seed=1"]
+        with self.assertRaisesRegex(RuntimeError, "holds a run of another command"):
+            runs.run_all([(other, first)], jobs=1)
+        # A started run without a record: refused only when records are required.
+        os.makedirs(second)
+        with open(os.path.join(second, "config.json"), "w") as f:
+            f.write("{}")
+        runs.check_same_command(command, second, require_record=False)
+        with self.assertRaisesRegex(RuntimeError, r"another command \(command.json: None\)"):
+            runs.run_all([(command, second)], jobs=1, require_record=True)
+        self.assertFalse(os.path.exists(os.path.join(second, runs.COMMAND_FILE)))
 
     def test_read_metrics_waits_for_a_finished_run(self):
         model_dir = tempfile.mkdtemp()
