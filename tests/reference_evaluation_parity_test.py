@@ -25,6 +25,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cgc_tf import backbones
+from cgc_tf import gradcam
 from cgc_tf import paper_protocol
 from cgc_tf.data import annotated
 
@@ -196,6 +197,28 @@ class TorchRayContentHeatmapParityTest(tf.test.TestCase):
         self.assertAllClose(np.mean(ours), reference_mean, atol=1e-4)
         # Image c scores its box's area fraction (10 x 6 of 33 x 21 pixels).
         self.assertAllClose(ours[2], 100.0 * 60 / (33 * 21), atol=1e-4)
+
+    def test_both_torchray_gradcams_equal_ours_for_a_pooling_dense_head(self):
+        # The ImageNet file multiplies gradient and activation per position, the
+        # fine-grained file pools the gradient first: equal for pooling + dense.
+        rng = np.random.default_rng(2)
+        features = rng.normal(size=(2, 6, 4, 5)).astype(np.float32)  # torch NCHW
+        kernel = rng.normal(size=(6, 3)).astype(np.float32)
+        targets = torch.tensor([2, 0])
+        maps = []
+        for name in ("imagenet", "finegrained"):
+            namespace = {"torch": torch, "np": np, "nn": torch.nn}
+            path = os.path.join(TORCHRAY_DIR, f"evaluate_{name}_gradcam_energy_inside_bbox.py")
+            _definitions(path, ["compute_gradcam"], namespace)
+            feats = torch.tensor(features, requires_grad=True)
+            output = feats.mean(dim=[2, 3]) @ torch.tensor(kernel)
+            with _NoCuda():
+                maps.append(namespace["compute_gradcam"](output, feats, targets).detach().numpy())
+        ours = gradcam.sum_normalize(gradcam.closed_form_cam(
+            features.transpose(0, 2, 3, 1), kernel, targets.numpy()
+        ))
+        self.assertAllClose(maps[0], maps[1], atol=1e-6)
+        self.assertAllClose(ours, maps[0], atol=1e-6)
 
 
 def _rise_module():
