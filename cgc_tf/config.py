@@ -86,6 +86,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     lr_decay_epochs: int = 30
     lr_decay_factor: float = 0.1
+    lr_decay_milestones: Optional[list] = None
     warmup_epochs: int = 1
     # CGC objective.
     lambda_: float = 0.5
@@ -204,6 +205,22 @@ def _field_errors(config):
     check_int("steps_per_epoch", 1, optional=True)
     check_int("examples_per_class", 1, optional=True)
     check_int("lr_decay_epochs", 1)
+    milestones = config.lr_decay_milestones
+    check(
+        milestones is None
+        or (
+            isinstance(milestones, (list, tuple))
+            and len(milestones) > 0
+            and all(_is_int(epoch) and epoch >= 1 for epoch in milestones)
+            and list(milestones) == sorted(set(milestones))
+        ),
+        f"lr_decay_milestones={milestones!r} must be None or increasing epochs >= 1",
+    )
+    if milestones is not None and config.lr_schedule != "step":
+        errors.append(
+            f"lr_decay_milestones={milestones!r} is only used with lr_schedule='step', got "
+            f"{config.lr_schedule!r}"
+        )
     check_int("warmup_epochs", 0)
     check_int("eval_every", 1)
     check_int("seed", 0)

@@ -97,7 +97,8 @@ class ConfigurationError(ValueError):
 def learning_rate_schedule(config, steps_per_epoch):
     """The learning rate per optimizer step for `config`.
 
-    step: x lr_decay_factor every lr_decay_epochs; cosine: to 0 over all epochs;
+    step: x lr_decay_factor every lr_decay_epochs, or at each epoch of
+    lr_decay_milestones (torch's MultiStepLR); cosine: to 0 over all epochs;
     constant. Then a linear warmup over warmup_epochs when > 0.
 
     Returns:
@@ -108,11 +109,16 @@ def learning_rate_schedule(config, steps_per_epoch):
     if config.lr_schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=total_steps)
     elif config.lr_schedule == "step":
-        decays = range(1, math.ceil(config.epochs / config.lr_decay_epochs))
+        milestones = config.lr_decay_milestones or [
+            k * config.lr_decay_epochs
+            for k in range(1, math.ceil(config.epochs / config.lr_decay_epochs))
+        ]
         # The optimizer evaluates the schedule at its iteration count before the
         # step, and PiecewiseConstantDecay switches after step > boundary: "- 1"
-        # makes the first step of epoch k * lr_decay_epochs use the decayed rate.
-        boundaries = [k * config.lr_decay_epochs * steps_per_epoch - 1 for k in decays]
+        # makes the first step of a milestone epoch use the decayed rate.
+        boundaries = [
+            epoch * steps_per_epoch - 1 for epoch in milestones if epoch < config.epochs
+        ]
         values = [rate * config.lr_decay_factor**k for k in range(len(boundaries) + 1)]
         schedule = (
             keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)

@@ -66,6 +66,13 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
         ("image_size_resnet", {"arch": "resnet50", "image_size": 16}, "image_size=16 must be"),
         ("tpu_without_tpu_strategy", {"tpu": "grpc://x"}, "tpu='grpc://x' is only used"),
         ("unlabeled_split_alone", {"unlabeled_split": "train"}, "needs unlabeled="),
+        ("milestones_order", {"lr_decay_milestones": [16, 12]}, "increasing epochs >= 1"),
+        ("milestones_empty", {"lr_decay_milestones": []}, "increasing epochs >= 1"),
+        (
+            "milestones_without_step",
+            {"lr_decay_milestones": [12], "lr_schedule": "cosine"},
+            "only used with lr_schedule='step'",
+        ),
         (
             "plain_with_unlabeled",
             {"consistency": "none", "unlabeled": "cluttered_digits"},

@@ -156,10 +156,12 @@ def reference_settings(script):
         gamma = {keyword.arg: keyword.value for keyword in scheduler.keywords}["gamma"]
         expected["lr_schedule"] = "step"
         expected["lr_decay_factor"] = _value(gamma, settings)
-        # A step schedule decays every P epochs; MultiStepLR's milestones may not be periodic.
+        # A step schedule decays every P epochs, or at milestones (MultiStepLR).
         period = milestones[0]
-        periodic = list(range(period, settings["epochs"], period))
-        expected["lr_decay_epochs"] = period if milestones == periodic else milestones
+        if milestones == list(range(period, settings["epochs"], period)):
+            expected["lr_decay_epochs"] = period
+        else:
+            expected["lr_decay_milestones"] = list(milestones)
     # What the step differentiates: the GC script disables the contrast (MSE), the
     # plain baseline has no consistency criterion at all.
     uses_paired_views = "imagefolder_cgc_ssl" in _read(script)
@@ -190,10 +192,17 @@ def reference_settings(script):
 
 
 def flagfile(name):
-    """(flag values as strings, reference script, copied names, {differing name: reason})."""
+    """(flag values, reference script, copied names, {differing name: reason}).
+
+    A flag value is a string, or the list of strings of a repeated (multi) flag.
+    """
     with open(os.path.join(CONFIGS, name)) as f:
         lines = f.read().splitlines()
-    values = dict(line[2:].split("=", 1) for line in lines if line.startswith("--"))
+    values = {}
+    for flag, value in (line[2:].split("=", 1) for line in lines if line.startswith("--")):
+        values[flag] = values[flag] + [value] if isinstance(values.get(flag), list) else (
+            [values[flag], value] if flag in values else value
+        )
     script, copies, differs = None, [], {}
     for line in lines:
         if line.startswith("# reference: "):
@@ -207,6 +216,11 @@ def flagfile(name):
 
 
 def _equal(flag_value, expected):
+    if isinstance(expected, list):
+        flag_values = flag_value if isinstance(flag_value, list) else [flag_value]
+        return len(flag_values) == len(expected) and all(
+            _equal(value, item) for value, item in zip(flag_values, expected)
+        )
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
         return abs(float(flag_value) - expected) <= 1e-12 * max(1.0, abs(expected))
     return flag_value == str(expected)
@@ -253,10 +267,10 @@ class ReferenceConfigsTest(tf.test.TestCase):
         self.assertEqual(
             {key: semi[key] for key in ("learning_rate", "batch_size", "epochs", "lambda_",
                                         "temperature", "momentum", "weight_decay",
-                                        "lr_decay_factor", "lr_decay_epochs")},
+                                        "lr_decay_factor", "lr_decay_milestones")},
             {"learning_rate": 0.02, "batch_size": 128, "epochs": 50, "lambda_": 0.25,
              "temperature": 0.5, "momentum": 0.9, "weight_decay": 0,
-             "lr_decay_factor": 0.2, "lr_decay_epochs": [12, 16]},
+             "lr_decay_factor": 0.2, "lr_decay_milestones": [12, 16]},
         )
 
     def test_flagfiles_copy_what_they_claim(self):

@@ -229,6 +229,17 @@ class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
         )
 
+    def test_step_decay_at_milestones(self):
+        """torch's MultiStepLR(milestones=[12, 16], gamma=0.2), 10 steps per epoch."""
+        schedule = self.schedule(
+            lr_schedule="step", learning_rate=0.02, epochs=50, lr_decay_milestones=[12, 16],
+            lr_decay_factor=0.2, warmup_epochs=0,
+        )
+        self.assertAllClose(
+            self.rates(schedule, [0, 119, 120, 159, 160, 240, 499]),
+            [0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008, 0.0008],
+        )
+
     def test_step_without_decay_in_range_is_constant(self):
         schedule = self.schedule(
             lr_schedule="step", learning_rate=0.1, epochs=10, lr_decay_epochs=30, warmup_epochs=0

@@ -70,9 +70,13 @@ _WEIGHT_DECAY_MODE = flags.DEFINE_enum(
     "coupled: torch.optim.SGD's L2 in the momentum (the reference); decoupled: Keras' SGD.")
 _LR_SCHEDULE = flags.DEFINE_enum(
     "lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
-    "step: x lr_decay_factor every lr_decay_epochs; cosine: to 0 at the last epoch; constant.")
+    "step: x lr_decay_factor every lr_decay_epochs (or at lr_decay_milestones); cosine: to 0 "
+    "at the last epoch; constant.")
 _LR_DECAY_EPOCHS = flags.DEFINE_integer(
     "lr_decay_epochs", _D.lr_decay_epochs, "Epochs between step decays (>= 1).")
+_LR_DECAY_MILESTONES = flags.DEFINE_multi_integer(
+    "lr_decay_milestones", _D.lr_decay_milestones, "Epochs at which the step schedule decays "
+    "instead of every lr_decay_epochs (torch's MultiStepLR); repeat the flag per epoch.")
 _LR_DECAY_FACTOR = flags.DEFINE_float(
     "lr_decay_factor", _D.lr_decay_factor, "Step decay factor in (0, 1].")
 _WARMUP_EPOCHS = flags.DEFINE_integer(
@@ -114,7 +118,7 @@ _HOLDERS = (
     _SKIP_CORRUPT_IMAGES, _ARCH, _TARGET_LAYER, _INIT_WEIGHTS, _SYNCHRONIZED_BATCH_NORM,
     _EPOCHS, _BATCH_SIZE,
     _STEPS_PER_EPOCH, _LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY, _WEIGHT_DECAY_MODE,
-    _LR_SCHEDULE, _LR_DECAY_EPOCHS,
+    _LR_SCHEDULE, _LR_DECAY_EPOCHS, _LR_DECAY_MILESTONES,
     _LR_DECAY_FACTOR, _WARMUP_EPOCHS, _LAMBDA, _TEMPERATURE, _CONSISTENCY, _VIEWS,
     _TRANSFORM_MIN_AREA, _GLOBAL_NEGATIVES, _SEED, _MODEL_DIR, _RESUME, _EVAL_EVERY, _EXPORT,
     _STRATEGY, _TPU, _MIXED_PRECISION, _JIT_COMPILE,
