@@ -54,6 +54,8 @@ setup(
         # Parity tests against the reference PyTorch code (tests/reference_*_parity_test.py,
         # skipped without them): torch, and OpenCV for TorchRay's cv2.resize.
         "parity": ["torch>=2", "opencv-python-headless>=4"],
+        # benchmarks/explain_throughput.py times cgc_tf.explain against tf-keras-vis.
+        "benchmark": ["tf-keras-vis>=0.8.7"],
     },
     entry_points={
         "console_scripts": [

@@ -131,6 +131,78 @@ class CommonTest(tf.test.TestCase, parameterized.TestCase):
 
 
 @pytest.mark.slow
+class ExplainThroughputTest(tf.test.TestCase):
+    """The correctness logic of benchmarks/explain_throughput.py on a tiny model (no timings)."""
+
+    @staticmethod
+    def _tiny(activation):
+        import keras
+
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv1")(inputs)
+        x = keras.layers.Conv2D(5, 3, strides=2, padding="same", name="conv2")(x)
+        x = keras.layers.Activation("relu", name="features")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(3, activation=activation, name="predictions")(x)
+        return keras.Model(inputs, outputs, name="tiny")
+
+    def test_cosines_by_hand(self):
+        from benchmarks import explain_throughput
+
+        first = [[[3.0, 0.0]], [[1.0, 1.0]], [[0.0, 0.0]]]
+        second = [[[1.0, 1.0]], [[2.0, 2.0]], [[1.0, 0.0]]]
+        self.assertAllClose(
+            explain_throughput.cosines(first, second), [2**-0.5, 1.0, 0.0], atol=1e-12
+        )
+
+    def test_tape_oracle_is_the_closed_form_of_a_pooling_dense_head(self):
+        import keras
+        import numpy as np
+
+        from benchmarks import explain_throughput
+
+        model = self._tiny(None)
+        images = tf.random.stateless_uniform([2, 16, 16, 3], seed=[1, 2])
+        index = model.layers.index(model.get_layer("features"))
+        classes = np.array([2, 0])
+        features = keras.Model(model.inputs, model.get_layer("features").output)(images).numpy()
+        kernel = model.get_layer("predictions").kernel.numpy()
+        expected = np.maximum(np.einsum("bhwk,kb->bhw", features, kernel[:, classes]), 0) / 64
+        oracle = explain_throughput.tape_gradcam(model, index, images, classes)
+        self.assertGreater(expected.max(), 0.0)
+        self.assertAllClose(oracle, expected, atol=1e-7, rtol=1e-5)
+
+    def test_correctness_on_a_tiny_softmax_model(self):
+        import numpy as np
+
+        from benchmarks import explain_throughput
+
+        model = self._tiny("softmax")
+        twin = self._tiny(None)
+        twin.set_weights(model.get_weights())
+        images = tf.random.stateless_uniform([2, 16, 16, 3], seed=[3, 4])
+        results, classes = explain_throughput.correctness(model, twin, "features", images)
+        self.assertAllEqual(classes, np.argmax(twin(images).numpy(), axis=-1))
+        self.assertGreater(results["ours_oracle_cosine"], 0.99999)
+        # With the same layer and the logits, the peer computes the same Grad-CAM.
+        self.assertGreater(results["peer_oracle_cosine"], 0.99999)
+        # Without arguments the peer seeks the last Conv layer: before the ReLU.
+        self.assertEqual(results["peer_default_layer"], "conv2")
+        self.assertNotIn("ours_oracle64_cosine", results)
+
+    def test_parse_models(self):
+        from benchmarks import explain_throughput
+
+        self.assertEqual(
+            explain_throughput.parse_models(["ResNet50:16", "MobileNetV2:32"]),
+            [("ResNet50", 16), ("MobileNetV2", 32)],
+        )
+        for bad in ("ResNet50", "ResNet50:0", "NoSuchNet:4"):
+            with self.assertRaisesRegex(app.UsageError, "NAME:BATCH"):
+                explain_throughput.parse_models([bad])
+
+
 class BenchmarksEndToEndTest(tf.test.TestCase):
 
     def test_step_time(self):
