@@ -74,8 +74,8 @@ def mse(anchors, positives):
 
 
 def consistency_loss(kind, anchors, positives, temperature, negatives=None, self_offset=0):
-    """Dispatches on `kind` in CONSISTENCY_LOSSES ("none" gives the InfoNCE value
-    too, for monitoring; the model does not differentiate it)."""
+    """Dispatches on `kind` in CONSISTENCY_LOSSES ("none", the plain baseline, has no
+    consistency term in CGCModel's step; here it gives the InfoNCE value)."""
     if kind == "mse":
         return mse(anchors, positives)
     if kind in ("contrastive", "none"):
