@@ -1,4 +1,4 @@
-"""The README's user-code example runs as written."""
+"""The README's user-code example runs as written; CI runs the README's test command."""
 
 import os
 import pathlib
@@ -8,6 +8,7 @@ import tempfile
 import tensorflow as tf
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+CI_SCRIPT = README.parent / ".ci" / "run"
 
 
 class ReadmeTest(tf.test.TestCase):
@@ -30,6 +31,20 @@ class ReadmeTest(tf.test.TestCase):
             {"loss", "ce_loss", "cgc_loss", "accuracy",
              "val_loss", "val_ce_loss", "val_cgc_loss", "val_accuracy"},
         )
+
+    def test_ci_runs_exactly_the_readme_test_command(self):
+        blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+        commands = [line for block in blocks for line in block.splitlines()]
+        # Self-contained: it installs the test dependencies before running pytest.
+        test_command = [line for line in commands if line.endswith("pytest -q tests")]
+        self.assertEqual(test_command, ['pip install -e ".[test]" && python -m pytest -q tests'])
+        ci_lines = [line.strip() for line in CI_SCRIPT.read_text().splitlines()]
+        self.assertIn(test_command[0], ci_lines)
+        self.assertEqual(
+            [line for line in ci_lines if "-m pytest" in line and not line.startswith("#")],
+            test_command,
+        )
+        self.assertIn('python -m pytest -q -m "not slow" tests', commands)
 
 
 if __name__ == "__main__":
