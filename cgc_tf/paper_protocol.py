@@ -32,6 +32,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from cgc_tf import augment as augment_lib
 from cgc_tf import backbones
@@ -67,37 +68,31 @@ def short_side_size(height, width, short_side):
 
 
 def resize_image(images, size):
-    """PIL-style bilinear resize of [0, 1] images, rounded to 8-bit levels.
+    """torchvision's resize of a PIL image: PIL's bilinear filter on 8-bit pixels.
 
-    torchvision resizes the decoded 8-bit PIL image: PIL's bilinear filter is a
-    triangle widened when downscaling (antialiased), applied along the width,
-    rounded to 8 bits, then along the height, rounded again. `tf.image.resize`
-    with `antialias=True` is that filter; doing the two passes and roundings in
-    PIL's order gives PIL's pixels to within one level (measured in
-    tests/reference_evaluation_parity_test.py). An image already of `size` is
-    returned unchanged, as PIL does.
+    PIL's bilinear filter is a triangle widened when downscaling (antialiased),
+    applied along the width and then the height, rounding to 8 bits after each
+    pass; `tf.image.resize(antialias=True)` is the same filter but differs by a
+    level on some pixels, so PIL itself resizes here (on the host, like the
+    reference's data loader). An image already of `size` is returned unchanged,
+    as PIL does.
 
     Args:
-      images: float32 [B, H, W, 3] in [0, 1] (multiples of 1/255).
+      images: float32 [B, H, W, 3] in [0, 1], multiples of 1/255 (decoded 8-bit).
       size: (height, width) ints.
 
     Returns:
       float32 [B, height, width, 3] in [0, 1].
     """
-    images = tf.convert_to_tensor(images, tf.float32)
+    images = np.asarray(images, np.float32)
     if tuple(images.shape[1:3]) == tuple(size):
-        return images
-
-    def resize_and_round(pixels, target):
-        resized = tf.image.resize(pixels, target, method="bilinear", antialias=True)
-        # PIL rounds half up when it stores 8 bits.
-        return tf.floor(tf.clip_by_value(resized, 0.0, 1.0) * 255.0 + 0.5) / 255.0
-
-    if images.shape[2] != size[1]:
-        images = resize_and_round(images, (images.shape[1], size[1]))
-    if images.shape[1] != size[0]:
-        images = resize_and_round(images, size)
-    return images
+        return tf.constant(images)
+    levels = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+    resized = [
+        np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        for image in levels
+    ]
+    return tf.constant(np.stack(resized).astype(np.float32) / 255.0)
 
 
 # ---------------------------------------------------------- Content Heatmap

@@ -55,6 +55,10 @@ class ResizeTest(tf.test.TestCase):
         self.assertAllEqual(paper_protocol.resize_image(images, (6, 8)), images)
         resized = paper_protocol.resize_image(images, (9, 12)).numpy() * 255
         self.assertAllClose(resized, np.round(resized), atol=1e-4)
+        # Half-pixel bilinear, clamped at the borders: [0, 255] -> [0, 63.75, 191.25, 255].
+        ramp = np.array([[[[0.0] * 3, [1.0] * 3]]], np.float32)
+        self.assertAllClose(paper_protocol.resize_image(ramp, (1, 4))[0, 0, :, 0] * 255,
+                            [0, 64, 191, 255], atol=1e-4)
         # A constant image stays constant.
         flat = paper_protocol.resize_image(np.full((1, 5, 7, 3), 0.4, np.float32), (11, 3))
         self.assertAllClose(flat, np.full((1, 11, 3, 3), np.round(0.4 * 255) / 255), atol=1e-6)
