@@ -13,6 +13,7 @@ from absl.testing import parameterized
 
 import cgc_tf
 from cgc_tf import gradcam
+from tests import testing_base
 from tests import testing_devices
 from tests import testing_models
 from tests import testing_processes
@@ -38,7 +39,7 @@ def _model(**kwargs):
     return cgc_tf.CGCModel(backbone, target_layer="features", **kwargs)
 
 
-class CGCModelTest(tf.test.TestCase):
+class CGCModelTest(testing_base.TestCase):
     def setUp(self):
         super().setUp()
         keras.utils.set_random_seed(0)
@@ -167,17 +168,11 @@ class CGCModelTest(tf.test.TestCase):
         model = _model(lambda_=0.3, temperature=0.2, consistency="mse", views=2)
         model.compile(optimizer="sgd", metrics=["accuracy"])
         model.fit(self._dataset(), epochs=1, verbose=0)
-        path = os.path.join(tempfile.mkdtemp(), "model.keras")
-        model.save(path)
-        loaded = keras.models.load_model(path)
-        self.assertIsInstance(loaded, cgc_tf.CGCModel)
+        # explain's probabilities, class_id and heatmap agree after .keras.
+        loaded = self.run_model_saving_test(model, self.images[:4], lambda m, x: m.explain(x))
         self.assertEqual(loaded.get_config()["consistency"], "mse")
         self.assertEqual(loaded.lambda_, 0.3)
-        before = model.explain(self.images[:4])
-        after = loaded.explain(self.images[:4])
-        for key in ("probabilities", "class_id", "heatmap"):
-            self.assertAllClose(before[key], after[key], atol=1e-6)
-        clone = cgc_tf.CGCModel.from_config(model.get_config())
+        clone = self.run_serialization_test(model)
         self.assertEqual(clone.get_config()["temperature"], 0.2)
 
     def test_loaded_model_keeps_its_optimizer_and_trains_on(self):
@@ -549,6 +544,30 @@ class SplitStepUnderStrategyTest(testing_devices.TwoReplicaTestCase):
         expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
         weights, history = self._one_step(self.strategy)
         for key in ("loss", "ce_loss", "cgc_loss"):
+            self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
+        for actual, expected in zip(weights, expected_weights):
+            self.assertAllClose(actual, expected, atol=1e-5)
+
+
+class PlainStepUnderStrategyTest(testing_devices.TwoReplicaTestCase):
+    """The plain baseline's step on two replicas against the same global batch on one device."""
+
+    def _one_step(self, strategy):
+        features = {"image": _random_images(0), "classification_view": _random_images(1)}
+        with strategy.scope():
+            model = cgc_tf.CGCModel(
+                testing_models.tiny_convnet(16), consistency="none", views=3
+            )
+            model.compile(optimizer=keras.optimizers.SGD(0.5))
+        history = model.fit(
+            features, np.array([0, 1, 2, 1]), batch_size=4, shuffle=False, verbose=0
+        )
+        return [variable.numpy() for variable in model.trainable_variables], history.history
+
+    def test_matches_single_device(self):
+        expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
+        weights, history = self._one_step(self.strategy)
+        for key in ("loss", "ce_loss"):
             self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
         for actual, expected in zip(weights, expected_weights):
             self.assertAllClose(actual, expected, atol=1e-5)
