@@ -15,7 +15,10 @@ across depths. `small_resnet` (for 32-48 px images; no torch counterpart) keeps
 the "keras" block layout: TF "same" padding, each block starting as the identity.
 """
 
+import re
+
 import keras
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -337,6 +340,87 @@ def build(arch, input_shape, num_classes, weights=None, synchronized_batch_norm=
                 # Read at call time (and saved by get_config); no variable changes.
                 layer.synchronized = True
     return model, TARGET_LAYERS[arch]
+
+
+# Keras weight name -> torch parameter/buffer name suffix.
+_TORCH_WEIGHT_NAMES = {
+    "kernel": "weight",
+    "bias": "bias",
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
+_BLOCK_LAYER = re.compile(r"conv(\d+)_block(\d+)_(\d)_(conv|bn)")
+
+
+def torchvision_name(path):
+    """torchvision's ResNet name of a weight of our ResNet-18/34/50.
+
+    E.g. "conv2_block1_1_conv/kernel" -> "layer1.0.conv1.weight",
+    "conv3_block1_0_bn/moving_variance" -> "layer2.0.downsample.1.running_var",
+    "predictions/kernel" -> "fc.weight".
+
+    Args:
+      path: a Keras variable path "<layer name>/<weight name>".
+
+    Raises:
+      ValueError: if the layer has no torchvision counterpart.
+    """
+    layer, weight = path.split("/")[-2:]
+    match = _BLOCK_LAYER.fullmatch(layer)
+    if weight not in _TORCH_WEIGHT_NAMES:
+        module = None
+    elif layer == "predictions":
+        module = "fc"
+    elif layer in ("conv1_conv", "conv1_bn"):
+        module = "conv1" if layer == "conv1_conv" else "bn1"
+    elif match:
+        stage, block, index, kind = match.groups()
+        prefix = f"layer{int(stage) - 1}.{int(block) - 1}"
+        if index == "0":
+            module = f"{prefix}.downsample.{0 if kind == 'conv' else 1}"
+        else:
+            module = f"{prefix}.{kind}{index}"
+    else:
+        module = None
+    if module is None:
+        raise ValueError(
+            f"path={path!r} has no torchvision ResNet counterpart; expected "
+            "'<conv1_conv|conv1_bn|convS_blockB_I_conv|..._bn|predictions>/<weight>'"
+        )
+    return f"{module}.{_TORCH_WEIGHT_NAMES[weight]}"
+
+
+def to_torch_layout(array):
+    """A Keras weight (or its gradient) in torch's layout, as a numpy array.
+
+    Conv kernels [kh, kw, in, out] -> [out, in, kh, kw]; dense kernels [in, out] ->
+    [out, in]; vectors unchanged.
+    """
+    array = np.asarray(array)
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def torchvision_state_dict(model):
+    """The weights of our resnet18/34/50 as a torchvision ResNet state dict.
+
+    Args:
+      model: a model built by `resnet18`, `resnet34` or `resnet50`.
+
+    Returns:
+      dict torchvision name -> float32 numpy array in torch's layout; every
+      parameter and BN running statistic (not `num_batches_tracked`). Load it with
+      `torch_model.load_state_dict({k: torch.from_numpy(v) ...}, strict=False)`.
+    """
+    return {
+        torchvision_name(variable.path): to_torch_layout(variable.numpy())
+        for variable in model.weights
+    }
 
 
 def _maybe_load(model, weights):

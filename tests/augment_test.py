@@ -7,6 +7,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import keras_cv  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
 
@@ -159,6 +160,20 @@ class ResizedCropTest(tf.test.TestCase, parameterized.TestCase):
         got = augment.resized_crop(images, crops, flips, output_size)
         expected = _torch_resized_crop(images, crops, flips, output_size)
         self.assertAllClose(expected, got, atol=1e-6, rtol=0)
+
+    def test_images_match_pil_resized_crop_up_to_rounding(self):
+        # The reference makes x_aug with torchvision's resized_crop of a PIL image
+        # (crop, then Image.resize bilinear): T's crops never exceed the image, so it
+        # always upsamples, where PIL's bilinear filter is torch's up to uint8 rounding.
+        image = (255 * _images(batch=1, height=40, width=36)[0]).numpy().astype(np.uint8)
+        crops = [[0, 0, 40, 36], [3, 5, 20, 17], [10, 0, 30, 36], [0, 20, 9, 16]]
+        for top, left, height, width in crops:
+            pil = Image.fromarray(image).crop((left, top, left + width, top + height))
+            expected = np.asarray(pil.resize((36, 40), Image.BILINEAR), np.float32)
+            got = augment.resized_crop(
+                image[None].astype(np.float32), [[top, left, height, width]], [False], (40, 36)
+            )[0]
+            self.assertLessEqual(float(tf.reduce_max(tf.abs(got - expected))), 1.0 + 1e-4)
 
     def test_gradient_is_the_transpose(self):
         images = _images(batch=2, height=12, width=10, channels=1)
