@@ -8,6 +8,9 @@ over a dataset (`cgc_tf.evaluation` does) or inspect single images:
   * `insertion_deletion_auc`: RISE causal metrics (Petsiuk et al., BMVC 2018).
   * `consistency`: cosine and Pearson between cam(T(x)) and T(cam(x)).
   * `top1_accuracy`: per-image top-1 correctness.
+  * `sparseness`, `max_sensitivity`, `road`, `randomization_sanity`: Gini
+    index, robustness, ROAD and the Adebayo et al. sanity check
+    (`cgc_tf.explanation_metrics`, re-exported here).
 
 Conventions (docs/architecture.md): images float32 [B, H, W, 3] in [0, 1];
 heatmaps float [B, H, W], non-negative, any scale; boxes float32 [B, N, 4]
@@ -19,6 +22,10 @@ import tensorflow as tf
 
 from cgc_tf import augment as augment_lib
 from cgc_tf import gradcam as gradcam_lib
+from cgc_tf.explanation_metrics import max_sensitivity  # noqa: F401 (re-exported)
+from cgc_tf.explanation_metrics import randomization_sanity  # noqa: F401 (re-exported)
+from cgc_tf.explanation_metrics import road  # noqa: F401 (re-exported)
+from cgc_tf.explanation_metrics import sparseness  # noqa: F401 (re-exported)
 
 # RISE's blur for the insertion start image (METHOD.md): an 11x11 Gaussian, sigma 5.
 BLUR_KERNEL_SIZE = 11
