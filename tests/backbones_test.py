@@ -74,6 +74,21 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(model.get_layer("conv3_block1_0_conv").strides, (2, 2))
         self.assertFalse(model.get_layer("conv3_block1_2_conv").use_bias)
 
+    def test_torchvision_state_dict_names_and_layouts(self):
+        model, _ = backbones.build("resnet50", (64, 64, 3), num_classes=7)
+        state = backbones.torchvision_state_dict(model)
+        # torchvision's ResNet-50 state dict: 320 entries, less 53 num_batches_tracked.
+        self.assertLen(state, 320 - 53)
+        self.assertEqual(state["conv1.weight"].shape, (64, 3, 7, 7))
+        self.assertEqual(state["layer2.0.conv2.weight"].shape, (128, 128, 3, 3))
+        self.assertEqual(state["layer2.0.downsample.0.weight"].shape, (512, 256, 1, 1))
+        self.assertEqual(state["layer4.2.bn3.running_var"].shape, (2048,))
+        self.assertEqual(state["fc.weight"].shape, (7, 2048))
+        kernel = model.get_layer("conv2_block1_2_conv").kernel.numpy()
+        self.assertAllEqual(state["layer1.0.conv2.weight"][5, 3], kernel[:, :, 3, 5])
+        with self.assertRaisesRegex(ValueError, "path='imagenet_normalization/mean'"):
+            backbones.torchvision_name("imagenet_normalization/mean")
+
     def test_small_resnet_keeps_the_keras_layout(self):
         model = backbones.small_resnet((32, 32, 3), num_classes=10)
         self.assertEqual(model.get_layer("conv3_block1_1_conv").padding, "same")
