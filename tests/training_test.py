@@ -143,6 +143,8 @@ class RunTrainingTest(tf.test.TestCase):
         config = self.config(model_dir, examples_per_class=2, batch_size=4, consistency="none")
         first = training.run_training(config, progress=False)
         self.assertNotIn("cgc_loss", first)
+        # Explanations of the plain model: Grad-CAM of the trained network.
+        self.assertBetween(first["explanations"]["content_heatmap_percent"], 0.0, 100.0)
         path = os.path.join(model_dir, training.LABELLED_SUBSET_FILE)
         with open(path, "rb") as f:
             written = f.read()
