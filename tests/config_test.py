@@ -53,6 +53,11 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
         ("consistency", {"consistency": "kl"}, "consistency='kl' is not one of"),
         ("mixed_precision", {"mixed_precision": "fp16"}, "mixed_precision='fp16' is not one of"),
         ("jit_compile", {"jit_compile": "yes"}, "jit_compile='yes' is not one of"),
+        (
+            "weight_decay_mode",
+            {"weight_decay_mode": "adamw"},
+            "weight_decay_mode='adamw' is not one of",
+        ),
         ("views", {"views": 4}, "views=4 is not one of [2, 3]"),
         ("transform_area", {"transform_min_area": 0.0}, "transform_min_area=0.0 must be in (0, 1]"),
         ("examples_per_class", {"examples_per_class": 0}, "examples_per_class=0 must be"),
