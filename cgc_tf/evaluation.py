@@ -9,6 +9,10 @@ evaluation grid of `cgc_tf.visualize.consistency_grid`.
 Heatmaps for Content Heatmap, pointing game and insertion/deletion are Grad-CAM of
 the ground-truth class (METHOD.md); consistency uses the predicted class of x for
 both x and T(x), as training does.
+
+This is the "cgc_tf" protocol (centre-cropped views at the model's input size);
+`cgc_tf.paper_protocol` is the reference code's ("paper"). docs/evaluation.md
+compares them.
 """
 
 import json
