@@ -370,14 +370,17 @@ def _eval_dataset(config, counter):
     )
 
 
-def _multi_worker_dataset_fn(config, completed_epochs, counter, input_stats):
-    """dataset_fn for `custom_loop.train`: batches of this worker's share of the records."""
+def _multi_worker_dataset_fn(config, counter, input_stats):
+    """dataset_fn for `custom_loop.train`: one epoch of this worker's share of the records."""
 
-    def dataset_fn(input_context):
+    def dataset_fn(input_context, epoch):
+        # The seed of epoch e is config.seed + e, as for the first epoch of a
+        # fit run resumed after e epochs; the loop rebuilds the dataset every
+        # epoch, so a resumed run sees the batches of an uninterrupted one.
         batches = _train_dataset(
             config,
             input_context.get_per_replica_batch_size(config.batch_size),
-            completed_epochs,
+            epoch,
             counter,
             num_shards=input_context.num_input_pipelines,
             shard_index=input_context.input_pipeline_id,
@@ -530,9 +533,8 @@ def run_training(config, progress=True, callbacks=()):
         run_lock.ModelDirInUseError when another process trains in model_dir.
       callbacks_lib.NonFiniteLossError: a loss became NaN/inf; the last good
         checkpoint is left intact.
-      callbacks_lib.TrainingPreempted: SIGTERM; a checkpoint was saved (not
-        with strategy='multi_worker': restart the job to resume from the last
-        completed epoch).
+      callbacks_lib.TrainingPreempted: SIGTERM (with strategy='multi_worker': to
+        any worker); a checkpoint was saved, from which a re-run resumes.
     """
     config.validate()
     # Before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the
@@ -701,7 +703,7 @@ def _train(config, strategy, info, completed, say, progress, extra_callbacks):
     model = _build_model(config, info.num_classes, steps_per_epoch, strategy, say)
     if config.strategy == "multi_worker":
         epochs_run, train_seconds = _train_multi_worker(
-            config, strategy, model, steps_per_epoch, completed, counter, progress, extra_callbacks
+            config, strategy, model, steps_per_epoch, counter, progress, extra_callbacks
         )
         if chief:
             model = _local_copy(model, config, info.num_classes, steps_per_epoch)
@@ -766,7 +768,7 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
 
 
 def _train_multi_worker(
-    config, strategy, model, steps_per_epoch, completed, counter, progress, extra_callbacks
+    config, strategy, model, steps_per_epoch, counter, progress, extra_callbacks
 ):
     """custom_loop.train, on every worker; returns (epochs run, seconds)."""
     chief = distribute.is_chief(strategy)
@@ -786,7 +788,7 @@ def _train_multi_worker(
     history = custom_loop.train(
         model,
         strategy,
-        _multi_worker_dataset_fn(config, completed, counter, input_stats),
+        _multi_worker_dataset_fn(config, counter, input_stats),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         checkpoint_dir=os.path.join(config.model_dir, MULTI_WORKER_DIR),

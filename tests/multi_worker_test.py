@@ -3,9 +3,12 @@ and two-worker MultiWorkerMirroredStrategy training on localhost.
 
 The multi-worker test starts this file as a script, once per worker, with a TF_CONFIG naming
 two localhost ports; each worker trains a tiny CGCModel with global negatives on
-the embedded `cluttered_digits` dataset and writes its final weights. Worker 1
-first kills itself (SIGKILL) in the second epoch; the test then kills the chief
-too and restarts both, which must resume from the chief's epoch-1 checkpoint.
+its share of the embedded `cluttered_digits` dataset and writes its final weights.
+An uninterrupted run is the reference. In the interrupted run worker 1 is first
+preempted (SIGTERM) in epoch 0, and both workers save and exit; relaunched, it
+kills itself (SIGKILL) in epoch 1, and the test kills the chief too; relaunched
+again, both resume from the chief's epoch-1 checkpoint and must end with the
+uninterrupted run's weights.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import pytest
 import tensorflow as tf
 
 import cgc_tf
+from cgc_tf import callbacks
 from cgc_tf import custom_loop
 from tests import testing_devices
 from tests import testing_models
@@ -36,7 +40,9 @@ _NUM_CLASSES = 10
 _GLOBAL_BATCH = 8
 _EPOCHS = 2
 _STEPS_PER_EPOCH = 3
-_CRASH_EPOCH, _CRASH_STEP = 1, 1
+_CRASH_EPOCH = 1  # worker 1 is killed in this epoch
+# The exit status of a worker script that stopped with TrainingPreempted.
+_EXIT_PREEMPTED = 3
 # Upper bound on one two-worker run (imports, cluster start-up, two tiny epochs) on
 # a loaded 2-core machine; a hung collective fails the test instead of the CI.
 _RUN_TIMEOUT_SECONDS = 240
@@ -50,7 +56,8 @@ def _read_csv(path):
 def _loop_dataset_fn(images, labels, global_batch):
     """dataset_fn of per-replica batches; one pass over the examples per epoch."""
 
-    def dataset_fn(input_context):
+    def dataset_fn(input_context, epoch):
+        del epoch  # the same unshuffled pass every epoch, like fit(shuffle=False)
         batch = input_context.get_per_replica_batch_size(global_batch)
         dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
         shard = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -137,8 +144,25 @@ class CustomLoopTest(testing_devices.TwoReplicaTestCase):
             tf.train.latest_checkpoint(checkpoint_dir), os.path.join(checkpoint_dir, "ckpt-2")
         )
 
+    def test_sigterm_saves_the_step_and_resume_equals_uninterrupted_run(self):
+        uninterrupted = self._uninterrupted_run()["variables"]
+        directory = self._temp_dir()
+        with self.assertRaisesRegex(callbacks.TrainingPreempted, r"epoch 1, step 1"):
+            self._train(2, directory, callbacks=[_SignalAt(0, 0, signal.SIGTERM)])
+        checkpoint = tf.train.latest_checkpoint(os.path.join(directory, "checkpoints"))
+        self.assertEqual(tf.train.load_variable(checkpoint, custom_loop._STEP_KEY), 1)
+        self.assertEqual(custom_loop.completed_epochs(os.path.join(directory, "checkpoints")), 0)
+        # The handler is uninstalled: SIGTERM's default action is back.
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_DFL)
+        resumed, history = self._train(2, directory)
+        self.assertEqual(history.epoch, [0, 1])
+        self.assertEqual(int(resumed.optimizer.iterations.numpy()), 2 * self.steps_per_epoch)
+        for actual, wanted in zip(resumed.variables, uninterrupted):
+            self.assertAllEqual(actual, wanted)
+
     def test_dataset_that_runs_out(self):
-        def dataset_fn(input_context):
+        def dataset_fn(input_context, epoch):
+            del epoch
             batch = input_context.get_per_replica_batch_size(4)
             dataset = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
             return dataset.batch(batch).take(0)
@@ -188,7 +212,7 @@ class MultiWorkerTest(tf.test.TestCase):
         shutil.rmtree(cls.root, ignore_errors=True)
         super().tearDownClass()
 
-    def _launch(self, model_dir, crash):
+    def _launch(self, model_dir, worker_1_arguments=()):
         ports = testing_processes.free_ports(_NUM_WORKERS)
         processes = []
         for index in range(_NUM_WORKERS):
@@ -203,8 +227,8 @@ class MultiWorkerTest(tf.test.TestCase):
                 sys.executable, os.path.abspath(__file__), "--model_dir", model_dir,
                 "--data_dir", self.data_dir,
             ]
-            if crash and index == 1:
-                arguments.append("--crash")
+            if index == 1:
+                arguments += list(worker_1_arguments)
             log = open(os.path.join(model_dir, f"worker_{index}.log"), "a")
             self.addCleanup(log.close)
             processes.append(
@@ -225,13 +249,41 @@ class MultiWorkerTest(tf.test.TestCase):
             process.kill()
             self.fail(f"worker {index} timed out; its log:\n{self._log(model_dir, index)}")
 
-    def test_kill_and_resume_ends_with_identical_weights(self):
+    def _run_to_the_end(self, model_dir):
+        """Both workers finish; returns their results and final weights."""
+        processes = self._launch(model_dir)
+        for index, process in enumerate(processes):
+            self.assertEqual(self._wait(process, model_dir, index), 0, self._log(model_dir, index))
+        results, weights = [], []
+        for index in range(_NUM_WORKERS):
+            with open(os.path.join(model_dir, f"result_{index}.json")) as file:
+                results.append(json.load(file))
+            weights.append(dict(np.load(os.path.join(model_dir, f"weights_{index}.npz"))))
+        return results, weights
+
+    def test_preempted_and_killed_run_ends_like_an_uninterrupted_one(self):
+        uninterrupted_dir = os.path.join(self.root, "uninterrupted")
+        os.makedirs(uninterrupted_dir)
+        _, uninterrupted = self._run_to_the_end(uninterrupted_dir)
+
         model_dir = os.path.join(self.root, "run")
         os.makedirs(model_dir)
         checkpoint_dir = os.path.join(model_dir, "checkpoints")
 
-        # Run 1: worker 1 dies in epoch 1 (after the chief saved epoch 0).
-        chief, worker = self._launch(model_dir, crash=True)
+        # Run 1: worker 1 is preempted (SIGTERM) in epoch 0: every worker saves
+        # after the same step and exits with TrainingPreempted.
+        processes = self._launch(model_dir, ["--signal", "SIGTERM", "--at", "0,1"])
+        for index, process in enumerate(processes):
+            self.assertEqual(
+                self._wait(process, model_dir, index), _EXIT_PREEMPTED, self._log(model_dir, index)
+            )
+        latest = tf.train.latest_checkpoint(checkpoint_dir)
+        self.assertEqual(int(tf.train.load_variable(latest, custom_loop._STEP_KEY)), 2)
+        self.assertEqual(custom_loop.completed_epochs(checkpoint_dir), 0)
+
+        # Run 2: resumes at epoch 0, step 2; worker 1 dies (SIGKILL) in epoch 1,
+        # after the chief saved epoch 0.
+        chief, worker = self._launch(model_dir, ["--signal", "SIGKILL", "--at", "1,1"])
         self.assertEqual(self._wait(worker, model_dir, 1), -signal.SIGKILL, self._log(model_dir, 1))
         # The chief is now stuck in (or failing) a collective with the dead peer;
         # a cluster manager would restart the whole job: kill it too.
@@ -241,19 +293,13 @@ class MultiWorkerTest(tf.test.TestCase):
         chief.wait()
         self.assertEqual(tf.train.latest_checkpoint(checkpoint_dir),
                          os.path.join(checkpoint_dir, "ckpt-1"))
+        self.assertEqual(custom_loop.completed_epochs(checkpoint_dir), 1)
         rows = _read_csv(os.path.join(model_dir, "log.csv"))
         self.assertEqual([row["epoch"] for row in rows], ["0"])
 
-        # Run 2: both restart, restore epoch 1 and finish.
-        processes = self._launch(model_dir, crash=False)
-        for index, process in enumerate(processes):
-            self.assertEqual(self._wait(process, model_dir, index), 0, self._log(model_dir, index))
-
-        results = []
-        for index in range(_NUM_WORKERS):
-            with open(os.path.join(model_dir, f"result_{index}.json")) as file:
-                results.append(json.load(file))
-        # Each worker ran only the remaining epoch, from the restored counter.
+        # Run 3: both restart from the chief's checkpoint of epoch 1 (at most one
+        # epoch lost) and finish.
+        results, weights = self._run_to_the_end(model_dir)
         for result in results:
             self.assertEqual(result["epochs_run"], [_CRASH_EPOCH])
             self.assertEqual(result["optimizer_iterations"], _EPOCHS * _STEPS_PER_EPOCH)
@@ -262,43 +308,51 @@ class MultiWorkerTest(tf.test.TestCase):
         self.assertEqual([row["epoch"] for row in rows], ["0", "1"])
         self.assertEqual(tf.train.latest_checkpoint(checkpoint_dir),
                          os.path.join(checkpoint_dir, f"ckpt-{_EPOCHS}"))
-        # Worker 1's temporary checkpoint directory of the finished run is gone.
+        # Worker 1's temporary checkpoint directories of the finished and the
+        # preempted run are gone; only the killed run's remains.
         leftovers = [
             name for name in os.listdir(os.path.join(model_dir, "tmp_1"))
             if name.startswith("cgc_tf_worker_checkpoint_")
         ]
-        self.assertLen(leftovers, 1)  # only the one of the killed run remains
+        self.assertLen(leftovers, 1)
 
-        weights = [np.load(os.path.join(model_dir, f"weights_{index}.npz")) for index in range(2)]
-        self.assertEqual(sorted(weights[0].files), sorted(weights[1].files))
-        for name in weights[0].files:
+        self.assertEqual(sorted(weights[0]), sorted(weights[1]))
+        for name in weights[0]:
             self.assertAllEqual(weights[0][name], weights[1][name])
+            # Every epoch's batches depend on its index only: the interrupted run
+            # trained on the uninterrupted run's batches, from restored states.
+            self.assertAllClose(weights[0][name], uninterrupted[0][name], atol=1e-6, rtol=0)
         # Training moved the weights away from the initial ones.
-        initial = np.load(os.path.join(model_dir, "initial_weights.npz"))
+        initial = np.load(os.path.join(uninterrupted_dir, "initial_weights.npz"))
         moved = max(np.abs(initial[name] - weights[0][name]).max() for name in initial.files)
         self.assertGreater(moved, 1e-3)
 
 
-class _CrashAt(keras.callbacks.Callback):
-    """SIGKILLs its own process at the start of (epoch, step): a lost worker."""
+class _SignalAt(keras.callbacks.Callback):
+    """Sends `signum` to its own process at the start of (epoch, step).
 
-    def __init__(self, epoch, step):
+    SIGKILL: a lost worker. SIGTERM: a preempted one.
+    """
+
+    def __init__(self, epoch, step, signum):
         super().__init__()
-        self.crash_epoch, self.crash_step, self.epoch_index = epoch, step, None
+        self.signal_epoch, self.signal_step, self.signum = epoch, step, signum
+        self.epoch_index = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_index = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        if (self.epoch_index, batch) == (self.crash_epoch, self.crash_step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if (self.epoch_index, batch) == (self.signal_epoch, self.signal_step):
+            os.kill(os.getpid(), self.signum)
 
 
 def _worker_main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--crash", action="store_true")
+    parser.add_argument("--signal", choices=["SIGTERM", "SIGKILL"], default=None)
+    parser.add_argument("--at", default=None, help="epoch,step where worker 1 gets --signal")
     args = parser.parse_args(argv)
 
     from cgc_tf import data
@@ -316,19 +370,19 @@ def _worker_main(argv):
             augmentation=cgc_tf.PairedAugmentation(seed=0),
         )
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-    if distribute.is_chief(strategy) and not args.crash:
+    if distribute.is_chief(strategy) and args.signal is None:
         path = os.path.join(args.model_dir, "initial_weights.npz")
         if not os.path.exists(path):
             np.savez(path, **{v.path: v.numpy() for v in model.trainable_variables})
 
-    def dataset_fn(input_context):
+    def dataset_fn(input_context, epoch):
         batches = data.train_dataset(
             "cluttered_digits",
             input_context.get_per_replica_batch_size(_GLOBAL_BATCH),
             _IMAGE_SIZE,
             data_dir=args.data_dir,
             classification_view=False,
-            seed=0,
+            seed=epoch,
             # A full-split buffer would decode the worker's whole share before the
             # first step.
             shuffle_buffer=32,
@@ -338,17 +392,25 @@ def _worker_main(argv):
         )
         return batches.repeat()
 
-    history = custom_loop.train(
-        model,
-        strategy,
-        dataset_fn,
-        epochs=_EPOCHS,
-        steps_per_epoch=_STEPS_PER_EPOCH,
-        checkpoint_dir=os.path.join(args.model_dir, "checkpoints"),
-        csv_path=os.path.join(args.model_dir, "log.csv"),
-        callbacks=[_CrashAt(_CRASH_EPOCH, _CRASH_STEP)] if args.crash else None,
-        verbose=0,
-    )
+    signal_callbacks = None
+    if args.signal is not None:
+        epoch, step = (int(value) for value in args.at.split(","))
+        signal_callbacks = [_SignalAt(epoch, step, getattr(signal, args.signal))]
+    try:
+        history = custom_loop.train(
+            model,
+            strategy,
+            dataset_fn,
+            epochs=_EPOCHS,
+            steps_per_epoch=_STEPS_PER_EPOCH,
+            checkpoint_dir=os.path.join(args.model_dir, "checkpoints"),
+            csv_path=os.path.join(args.model_dir, "log.csv"),
+            callbacks=signal_callbacks,
+            verbose=0,
+        )
+    except callbacks.TrainingPreempted as error:
+        print(error, flush=True)
+        sys.exit(_EXIT_PREEMPTED)
     np.savez(
         os.path.join(args.model_dir, f"weights_{index}.npz"),
         **{v.path: v.numpy() for v in model.trainable_variables},
