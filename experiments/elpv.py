@@ -11,6 +11,9 @@ cgc_tf/data/elpv/README.md):
                       cell unlabelled for the consistency term, from scratch
   semi_pretrained     the same, starting from the pretraining run's backbone
 
+(The plain baseline has no consistency term for the unlabelled cells: its semi
+rows are its limited runs with the same labelled cells.)
+
 The pretraining run (trained once, seed 0, before anything that needs it) is the
 plain baseline on the polycrystalline cells of the training split (`elpv_poly`,
 1,161 cells) with elpv.cfg: another domain, the same task, never a mono cell.
@@ -110,7 +113,9 @@ def main(argv):
                                list(_EXTRA.value), _HOLDOUT.value)
     # The pretraining run first: the *_pretrained runs read its weights.
     runs_lib.run_all([(command, model_dir) for *_, command, model_dir in pretraining], 1)
-    runs_lib.run_all([(command, model_dir) for *_, command, model_dir in others], _JOBS.value)
+    # A model_dir may serve two rows (see elpv_runs.plan): run it once.
+    unique = {model_dir: command for *_, command, model_dir in others}
+    runs_lib.run_all([(command, model_dir) for model_dir, command in unique.items()], _JOBS.value)
 
     results = [
         {"regime": name, "method": method, "seed": seed, "metrics": elpv_runs.read_metrics(model_dir)}
@@ -135,10 +140,12 @@ def main(argv):
     rows = ([elpv_runs.PRETRAIN_ROW] if pretraining else []) + names
     print(runs_lib.write_results(output_dir, results, rows, _METHODS.value, elpv_runs.COLUMNS))
 
+    model_dirs = {(name, method, seed): model_dir
+                  for name, method, seed, _, model_dir in others}
     if _GRIDS.value and all(method in _METHODS.value for method in elpv_runs.GRID_METHODS):
         for name in names:
             for seed in seeds:
-                run_dirs = {method: runs_lib.run_dir(output_dir, name, method, seed)
+                run_dirs = {method: model_dirs[(name, method, seed)]
                             for method in elpv_runs.GRID_METHODS}
                 path = os.path.join(output_dir, "grids", f"{name}_seed{seed}.png")
                 if not os.path.exists(path):

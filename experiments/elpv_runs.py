@@ -23,6 +23,8 @@ DEFAULT_REGIMES = ("full", "limited", "limited_pretrained", "semi")
 PRETRAINED = ("limited_pretrained", "semi_pretrained")
 LABELLED_SUBSET = ("limited", "limited_pretrained", "semi", "semi_pretrained")
 SEMI = ("semi", "semi_pretrained")
+# Where the plain baseline's rows of the semi regimes come from (see `plan`).
+SEMI_WITHOUT_UNLABELLED = {"semi": "limited", "semi_pretrained": "limited_pretrained"}
 # The reference's baselines: plain is one view and cross-entropy only; GC is the
 # MSE consistency at the reference's lambda.
 METHODS = {
@@ -113,7 +115,12 @@ def train_command(regime, method, seed, model_dir, output_dir, labels_per_class=
 def plan(output_dir, regimes, methods, seeds, labels_per_class, extra=(), holdout=False):
     """Every run of the table: (pretraining runs, other runs), each a list of
     (regime name, method, seed, command, model_dir); the pretraining list is
-    empty unless a *_pretrained regime is asked for."""
+    empty unless a *_pretrained regime is asked for.
+
+    The plain baseline has no consistency term to give the unlabelled cells to,
+    so its row of a semi regime is the plain run of the matching limited regime
+    (the same labelled cells and seed): same command and model_dir, run once.
+    """
     pretraining = []
     if any(regime in PRETRAINED for regime in regimes):
         pretraining.append((PRETRAIN_ROW, PRETRAIN_METHOD, PRETRAIN_SEED,
@@ -125,8 +132,13 @@ def plan(output_dir, regimes, methods, seeds, labels_per_class, extra=(), holdou
             name = regime_name(regime, count)
             for seed in seeds:
                 for method in methods:
-                    model_dir = runs_lib.run_dir(output_dir, name, method, seed)
-                    command = train_command(regime, method, seed, model_dir, output_dir,
+                    run_regime = regime
+                    if regime in SEMI and method == "plain":
+                        run_regime = SEMI_WITHOUT_UNLABELLED[regime]
+                    model_dir = runs_lib.run_dir(
+                        output_dir, regime_name(run_regime, count), method, seed
+                    )
+                    command = train_command(run_regime, method, seed, model_dir, output_dir,
                                             count, extra, holdout)
                     others.append((name, method, seed, command, model_dir))
     return pretraining, others

@@ -80,11 +80,20 @@ class PlanTest(tf.test.TestCase):
         names = sorted({name for name, *_ in others})
         self.assertEqual(names, ["limited_pretrained_n10", "limited_pretrained_n30",
                                  "semi_n10", "semi_n30"])
-        model_dirs = [model_dir for *_, model_dir in others]
+        model_dirs = [model_dir for name, method, *_, model_dir in others
+                      if not (name.startswith("semi") and method == "plain")]
         self.assertLen(set(model_dirs), len(model_dirs))
         for name, method, seed, command, model_dir in others:
-            self.assertEqual(model_dir, runs.run_dir("/out", name, method, seed))
             self.assertEqual(_flag(command, "examples_per_class"), name.rsplit("_n", 1)[1])
+            if name.startswith("semi") and method == "plain":
+                # The plain baseline cannot use unlabelled cells: its limited run.
+                limited = name.replace("semi", "limited", 1)
+                self.assertEqual(model_dir, runs.run_dir("/out", limited, method, seed))
+                self.assertEqual(command, elpv.train_command(
+                    "limited", method, seed, model_dir, "/out", int(name.rsplit("_n", 1)[1])))
+                self.assertIsNone(_flag(command, "unlabeled"))
+            else:
+                self.assertEqual(model_dir, runs.run_dir("/out", name, method, seed))
 
     def test_read_metrics_adds_the_training_minutes(self):
         model_dir = tempfile.mkdtemp()
