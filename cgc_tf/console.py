@@ -138,13 +138,16 @@ def visible_devices():
     return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
 
 
-def describe_binary(flag_values, module):
-    """Makes a console script's `--help` show `module`'s docstring and flags.
+def prepare_binary(flag_values, module):
+    """Call in a binary's entry point before `app.run`: help text and a quiet start.
 
     absl's --help prints the docstring of `__main__` and the key flags of
     sys.argv[0]; under a console script (`cgc-train`) `__main__` is the generated
-    wrapper, which has neither. Nothing changes when `module` runs as `__main__`
-    (`python -m train.main`).
+    wrapper, which has neither, so `module`'s are registered for it (nothing
+    changes when `module` runs as `__main__`, as in `python -m train.main`).
+    TensorFlow's first device query then happens here, quietly: otherwise an
+    absl after-init callback of TensorFlow's makes it inside `app.run` and logs
+    "failed call to cuInit" on machines without CUDA.
 
     Args:
       flag_values: absl's `flags.FLAGS` (passed in: the library does not import
@@ -152,8 +155,8 @@ def describe_binary(flag_values, module):
       module: the binary's module object, whose flags are its key flags.
     """
     main = sys.modules["__main__"]
-    if main is module:
-        return
-    main.__doc__ = module.__doc__
-    for flag in flag_values.get_key_flags_for_module(module.__name__):
-        flag_values.register_key_flag_for_module(sys.argv[0], flag)
+    if main is not module:
+        main.__doc__ = module.__doc__
+        for flag in flag_values.get_key_flags_for_module(module.__name__):
+            flag_values.register_key_flag_for_module(sys.argv[0], flag)
+    visible_devices()

@@ -94,7 +94,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-export)."""
-    console.describe_binary(flags.FLAGS, sys.modules[__name__])
+    console.prepare_binary(flags.FLAGS, sys.modules[__name__])
     app.run(main)
 
 

@@ -167,7 +167,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-train)."""
-    console.describe_binary(flags.FLAGS, sys.modules[__name__])
+    console.prepare_binary(flags.FLAGS, sys.modules[__name__])
     app.run(main)
 
 
