@@ -251,7 +251,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-evaluate)."""
-    # As cgc_tf.console.describe_binary, without importing TensorFlow before the flag
+    # As cgc_tf.console.prepare_binary, without importing TensorFlow before the flag
     # checks: --help shows this module's docstring and flags under the console script.
     if sys.modules["__main__"] is not sys.modules[__name__]:
         sys.modules["__main__"].__doc__ = __doc__
