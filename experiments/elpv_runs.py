@@ -61,6 +61,8 @@ def pretrain_dir(output_dir):
 
 def pretrained_weights(output_dir):
     """The backbone weights the *_pretrained runs start from."""
+    # cgc_tf.training.BACKBONE_WEIGHTS_FILE, restated to keep TensorFlow out of
+    # this process until the end (tests/elpv_experiments_test.py checks they agree).
     return os.path.join(pretrain_dir(output_dir), "backbone.weights.h5")
 
 

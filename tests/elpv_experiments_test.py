@@ -6,6 +6,7 @@ import tempfile
 
 import tensorflow as tf
 
+from cgc_tf import training
 from experiments import elpv_runs as elpv
 from experiments import runs
 
@@ -49,7 +50,9 @@ class CommandTest(tf.test.TestCase):
         self.assertEqual(_flag(command, "consistency"), "none")
         self.assertEqual(_flag(command, "model_dir"), elpv.pretrain_dir("/out"))
         self.assertEqual(command[-1], "--epochs=2")
-        self.assertEqual(os.path.dirname(elpv.pretrained_weights("/out")), elpv.pretrain_dir("/out"))
+        weights = elpv.pretrained_weights("/out")
+        self.assertEqual(os.path.dirname(weights), elpv.pretrain_dir("/out"))
+        self.assertEqual(os.path.basename(weights), training.BACKBONE_WEIGHTS_FILE)
 
     def test_holdout_never_names_a_test_split_dataset(self):
         commands = [elpv.pretrain_command("/out", holdout=True)] + [
