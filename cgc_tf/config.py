@@ -24,7 +24,9 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 CONSISTENCIES = ("contrastive", "mse", "none")
 VIEWS = (2, 3)
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+# "auto": bfloat16 where the devices compute it natively, else float32
+# (cgc_tf.distribute.resolve_mixed_precision).
+MIXED_PRECISIONS = ("auto", "none", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILES = ("auto", "true", "false")
 # Mirrors `cgc_tf.optimizers.WEIGHT_DECAY_MODES` (checked by tests/optimizers_test.py).
 # "coupled" is torch.optim.SGD's L2 (the reference); "decoupled" is Keras' SGD form.
@@ -104,7 +106,7 @@ class TrainConfig:
     # Hardware.
     strategy: str = "default"
     tpu: Optional[str] = None
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     jit_compile: str = "auto"
 
     def replace(self, **changes):

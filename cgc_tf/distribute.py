@@ -13,6 +13,10 @@ import shutil
 import tensorflow as tf
 
 STRATEGY_NAMES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+# /proc/cpuinfo flags of CPUs that compute bfloat16 natively (dot products in
+# AVX-512 BF16, matrix tiles in AMX); without them oneDNN emulates bfloat16,
+# which is slower than float32.
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # The learning rate of the paper's setting is defined for this global batch
 # (SGD lr 0.1 at batch 256, METHOD.md).
@@ -70,6 +74,54 @@ def strategy_from_name(name, tpu=None, cluster_resolver=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy={name!r} is not one of {STRATEGY_NAMES}")
+
+
+def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
+    """The CPU feature flags of /proc/cpuinfo (lower case); empty where it is missing."""
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_mixed_precision(setting, strategy_name, cpuinfo_path="/proc/cpuinfo"):
+    """The Keras dtype policy for a `mixed_precision` setting, and why.
+
+    "auto" picks "mixed_bfloat16" where the devices compute bfloat16 natively:
+    TPUs, GPUs of compute capability >= 8.0 (all visible GPUs), CPUs (when no
+    GPU is visible) with AVX512_BF16 or AMX; "float32" elsewhere. "none" is
+    "float32"; the other settings are returned as they are.
+
+    Args:
+      setting: "auto", "none", "mixed_float16" or "mixed_bfloat16".
+      strategy_name: a name of STRATEGY_NAMES ("tpu" means TPUs).
+      cpuinfo_path: where the CPU flags are read (tests pass their own file).
+
+    Returns:
+      (policy name str, reason str).
+    """
+    if setting != "auto":
+        return ("float32" if setting == "none" else setting), f"mixed_precision={setting!r}"
+    if strategy_name == "tpu":
+        return "mixed_bfloat16", "auto: TPUs compute bfloat16 natively"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [
+            tuple(tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0,))
+            for gpu in gpus
+        ]
+        lowest = ".".join(str(part) for part in min(capabilities))
+        if min(capabilities) >= (8, 0):
+            return "mixed_bfloat16", f"auto: GPUs of compute capability {lowest} >= 8.0"
+        return "float32", f"auto: GPU compute capability {lowest} < 8.0 (no native bfloat16)"
+    native = sorted(set(NATIVE_BFLOAT16_CPU_FLAGS) & cpu_flags(cpuinfo_path))
+    if native:
+        return "mixed_bfloat16", f"auto: the CPU computes bfloat16 natively ({', '.join(native)})"
+    return "float32", "auto: the CPU has neither AVX512_BF16 nor AMX (no native bfloat16)"
 
 
 def cluster_resolver_from_environment():

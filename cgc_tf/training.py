@@ -86,7 +86,7 @@ HEATMAP_IMAGES = 8
 
 # Fields that shape the model's and optimizer's variables: a checkpoint written
 # with other values cannot be restored.
-_CHECKPOINT_FIELDS = ("dataset", "arch", "image_size", "mixed_precision")
+_CHECKPOINT_FIELDS = ("dataset", "arch", "image_size")
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
 
@@ -271,6 +271,15 @@ def _check_resumable(config, model_dir, say):
         for name in _CHECKPOINT_FIELDS
         if name in previous and previous[name] != getattr(config, name)
     ]
+    # Variables are float32 under every policy; only mixed_float16 adds the loss
+    # scale's optimizer variables (LossScaleOptimizer).
+    float16 = "mixed_float16"
+    if "mixed_precision" in previous and (
+        (previous["mixed_precision"] == float16) != (config.mixed_precision == float16)
+    ):
+        changed.append(
+            f"mixed_precision: {previous['mixed_precision']!r} -> {config.mixed_precision!r}"
+        )
     if changed:
         raise ConfigurationError(
             f"model_dir={model_dir!r} holds a checkpoint of a different model "
@@ -579,7 +588,8 @@ def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
         _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
 
     previous_policy = keras.mixed_precision.global_policy()
-    policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
+    policy, reason = distribute.resolve_mixed_precision(config.mixed_precision, config.strategy)
+    say(f"Precision: {policy} ({reason})")
     keras.mixed_precision.set_global_policy(policy)
     try:
         return _train(config, strategy, info, completed, say, progress, callbacks)
@@ -705,12 +715,17 @@ def _train(config, strategy, info, completed, say, progress, extra_callbacks):
         epochs_run, train_seconds = _train_multi_worker(
             config, strategy, model, steps_per_epoch, counter, progress, extra_callbacks
         )
-        if chief:
-            model = _local_copy(model, config, info.num_classes, steps_per_epoch)
     else:
         epochs_run, train_seconds = _fit(
             config, model, steps_per_epoch, completed, counter, progress, extra_callbacks
         )
+    mixed = keras.mixed_precision.global_policy().name != "float32"
+    if chief and (config.strategy == "multi_worker" or mixed):
+        # Mixed precision is a training setting (the variables are float32 under
+        # every policy): the saved, evaluated and exported model computes in
+        # float32.
+        keras.mixed_precision.set_global_policy("float32")
+        model = _local_copy(model, config, info.num_classes, steps_per_epoch)
     metrics = None
     if chief:
         metrics = _write_final_files(config, model, info, epochs_run, train_seconds, counter, say)
@@ -800,12 +815,15 @@ def _train_multi_worker(
 
 
 def _local_copy(model, config, num_classes, steps_per_epoch):
-    """`model` rebuilt outside its strategy, with its weights and optimizer state.
+    """`model` rebuilt outside its strategy, under the global dtype policy, with its
+    weights and optimizer state.
 
     The chief saves and evaluates this copy: `evaluate` on the multi-worker model,
     or saving its metrics (sync-on-read variables), would start collective ops
     that the other workers never join. Reading weights and optimizer variables
-    (mirrored) reads this worker's copy only.
+    (mirrored) reads this worker's copy only. Built under float32, it is also
+    the full-precision model of a mixed-precision run (whose LossScaleOptimizer's
+    loss scale is not copied: the copy's optimizer is the inner SGD).
     """
     # init_weights=None: every weight is overwritten below.
     copy = _build_model(
@@ -817,7 +835,8 @@ def _local_copy(model, config, num_classes, steps_per_epoch):
     )
     copy.set_weights(model.get_weights())
     copy.optimizer.build(copy.trainable_variables)
-    for target, source in zip(copy.optimizer.variables, model.optimizer.variables, strict=True):
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    for target, source in zip(copy.optimizer.variables, optimizer.variables, strict=True):
         target.assign(source.numpy())
     return copy
 

@@ -106,6 +106,41 @@ class StrategyFromNameTest(tf.test.TestCase):
         with mock.patch.dict(os.environ, {"SLURM_JOB_ID": "1"}, clear=True):
             self.assertIsNone(distribute.cluster_resolver_from_environment())
 
+    def _cpuinfo(self, flags):
+        path = os.path.join(self.get_temp_dir(), "cpuinfo")
+        with open(path, "w") as file:
+            file.write(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        return path
+
+    def test_auto_mixed_precision_follows_the_hardware(self):
+        no_gpu = mock.patch.object(tf.config, "list_physical_devices", return_value=[])
+        with no_gpu:
+            for flags, policy in (("avx512f", "float32"), ("avx512f avx512_bf16", "mixed_bfloat16"),
+                                  ("amx_tile amx_bf16", "mixed_bfloat16")):
+                chosen, reason = distribute.resolve_mixed_precision(
+                    "auto", "default", cpuinfo_path=self._cpuinfo(flags)
+                )
+                self.assertEqual(chosen, policy, msg=flags)
+                self.assertIn("auto", reason)
+            self.assertEqual(
+                distribute.resolve_mixed_precision("auto", "default", "/no/such/file")[0], "float32"
+            )
+        self.assertEqual(distribute.resolve_mixed_precision("auto", "tpu")[0], "mixed_bfloat16")
+        self.assertEqual(distribute.resolve_mixed_precision("none", "tpu")[0], "float32")
+        self.assertEqual(
+            distribute.resolve_mixed_precision("mixed_float16", "default")[0], "mixed_float16"
+        )
+        gpus = [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")] * 2
+        for capabilities, policy in ((((8, 0), (9, 0)), "mixed_bfloat16"),
+                                     (((8, 6), (7, 5)), "float32")):
+            with mock.patch.object(tf.config, "list_physical_devices", return_value=gpus), \
+                    mock.patch.object(tf.config.experimental, "get_device_details",
+                                      side_effect=[{"compute_capability": c} for c in capabilities]):
+                chosen, reason = distribute.resolve_mixed_precision(
+                    "auto", "mirrored", cpuinfo_path=self._cpuinfo("avx512_bf16")
+                )
+            self.assertEqual(chosen, policy, msg=reason)
+
     def test_is_chief_on_one_machine(self):
         self.assertTrue(distribute.is_chief())
         self.assertTrue(distribute.is_chief(distribute.strategy_from_name("one_device")))

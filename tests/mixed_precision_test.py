@@ -1,10 +1,19 @@
 """CGCModel under Keras mixed precision: float32 heatmaps, finite gradients, loss scaling."""
 
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import cgc_tf
+from cgc_tf import config as config_lib
+from cgc_tf import training
 from tests import testing_models
 
 IMAGE_SIZE = 16
@@ -95,3 +104,38 @@ class MixedPrecisionTest(tf.test.TestCase):
             scale = np.abs(expected).max()
             self.assertGreater(scale, 0.0)
             self.assertAllClose(step / scale, expected / scale, atol=3e-2)
+
+
+@pytest.mark.slow
+class MixedPrecisionTrainingTest(tf.test.TestCase):
+    """run_training with a mixed policy: it says which, and saves a float32 model."""
+
+    def test_bfloat16_run_saves_a_float32_model(self):
+        root = tempfile.mkdtemp(prefix="cgc_tf_mixed_precision_test_")
+        self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+        config = config_lib.TrainConfig(
+            data_dir=os.path.join(root, "tfds"), image_size=IMAGE_SIZE, batch_size=4,
+            steps_per_epoch=2, epochs=1, warmup_epochs=0, model_dir=os.path.join(root, "run"),
+            export=False, mixed_precision="mixed_bfloat16",
+        )
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            metrics = training.run_training(config, progress=True)
+        self.assertIn(
+            "Precision: mixed_bfloat16 (mixed_precision='mixed_bfloat16')", output.getvalue()
+        )
+        self.assertTrue(np.isfinite(metrics["ce_loss"]))
+        # The run restored the process's policy ...
+        self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
+        # ... and the saved model computes in float32 (its weights are the trained ones).
+        model = keras.models.load_model(os.path.join(config.model_dir, training.MODEL_FILE))
+        self.assertEqual(model.backbone.compute_dtype, "float32")
+        for layer in model.backbone.layers:
+            self.assertEqual(layer.dtype_policy.name, "float32", msg=layer.name)
+        last_epoch = keras.models.load_model(
+            os.path.join(config.model_dir, training.EPOCH_MODEL_FILE)
+        )
+        policies = {layer.dtype_policy.name for layer in last_epoch.backbone.layers}
+        self.assertIn("mixed_bfloat16", policies)  # the model that trained
+        for saved, trained in zip(model.backbone.weights, last_epoch.backbone.weights):
+            self.assertAllEqual(saved, trained)

@@ -76,6 +76,9 @@ class RunTrainingTest(tf.test.TestCase):
             learning_rate=0.01,
             model_dir=model_dir,
             export=False,
+            # float32 whatever the CPU: the tests below compare saved models
+            # exactly (mixed_precision_test.py trains with "auto" / bfloat16).
+            mixed_precision="none",
         )
         values.update(changes)
         return config_lib.TrainConfig(**values)
