@@ -84,32 +84,6 @@ def _birds_as_dataset(self, split, decoders=None, read_config=None, **kwargs):
     return dataset
 
 
-class ViewsTest(tf.test.TestCase):
-    def test_deterministic_view_is_resize_then_centre_crop(self):
-        rng = np.random.default_rng(0)
-        for height, width, size in ((375, 500, 64), (40, 30, 32), (3, 5, 16), (20, 20, 20)):
-            image = tf.constant(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-            short = views.resize_side(size)
-            resized_height = max(size, round(height * short / min(height, width)))
-            resized_width = max(size, round(width * short / min(height, width)))
-            resized = tf.image.resize(image, [resized_height, resized_width], antialias=True)
-            top, left = (resized_height - size) // 2, (resized_width - size) // 2
-            expected = resized[top : top + size, left : left + size] / 255.0
-            self.assertAllClose(views.deterministic_view(image, size), expected, atol=1e-5)
-
-    def test_classification_view_is_seeded_and_flips_about_half(self):
-        gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3))
-        image = tf.constant(gradient)
-        first = views.classification_view(image, 16, tf.constant([5, 6]))
-        self.assertAllEqual(first, views.classification_view(image, 16, tf.constant([5, 6])))
-        flips = []
-        for seed in range(100):
-            row = views.classification_view(image, 16, tf.constant([seed, 0]))[8, :, 0].numpy()
-            self.assertTrue(np.all(np.diff(row) >= 0) or np.all(np.diff(row) <= 0))
-            flips.append(row[0] > row[-1])
-        self.assertBetween(np.mean(flips), 0.35, 0.65)
-
-
 class ClutteredDigitsTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
