@@ -363,6 +363,14 @@ class ReferenceParityTest(tf.test.TestCase):
 class ReferenceArchitectureTest(tf.test.TestCase, parameterized.TestCase):
     """Our ResNet-34/50 compute the reference's (torchvision's) forward pass."""
 
+    differences = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        for name, value in sorted(cls.differences.items()):
+            print(f"\n  {name}: {value:.3g}", end="")
+        super().tearDownClass()
+
     @parameterized.parameters("resnet34", "resnet50")
     def test_logits_and_features_equal_the_reference(self, arch):
         torch = pytest.importorskip("torch")
@@ -400,6 +408,8 @@ class ReferenceArchitectureTest(tf.test.TestCase, parameterized.TestCase):
                 (our_features, features.numpy().transpose(0, 2, 3, 1)),
             ):
                 difference = np.abs(np.asarray(got) - expected).max() / np.abs(expected).max()
+                key = f"{arch} {'train' if training else 'eval'} mode max |diff| / max"
+                self.differences[key] = max(self.differences.get(key, 0.0), float(difference))
                 self.assertLess(difference, ARCHITECTURE_TOLERANCE[training], (arch, training))
 
 
