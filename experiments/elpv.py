@@ -112,7 +112,8 @@ def main(argv):
     pretraining, others = elpv_runs.plan(output_dir, _REGIMES.value, _METHODS.value, seeds, counts,
                                list(_EXTRA.value), _HOLDOUT.value)
     # The pretraining run first: the *_pretrained runs read its weights.
-    runs_lib.run_all([(command, model_dir) for *_, command, model_dir in pretraining], 1)
+    if pretraining:
+        runs_lib.run_all([(command, model_dir) for *_, command, model_dir in pretraining], 1)
     # A model_dir may serve two rows (see elpv_runs.plan): run it once.
     unique = {model_dir: command for *_, command, model_dir in others}
     runs_lib.run_all([(command, model_dir) for model_dir, command in unique.items()], _JOBS.value)
