@@ -3,6 +3,7 @@
   python -m benchmarks.step_time --arch=resnet18 --image_size=224 --batch_size=16
   python -m benchmarks.step_time --arch=resnet50 --batch_size=8 --jit_compile=false,true
   python -m benchmarks.step_time --arch=small_resnet --image_size=48 --dtype_policy=mixed_bfloat16
+  python -m benchmarks.step_time --dtype_policy=float32,auto --variants=plain,cgc3
 
 Variants (`--variants`), all with the same backbone architecture, batch, image
 size and SGD optimizer:
@@ -14,8 +15,12 @@ size and SGD optimizer:
   cgc3      `CGCModel(views=3)`, METHOD.md's step (CE on x_xe, x_orig, x_aug +
             Grad-CAM consistency);
   cgc2      `CGCModel(views=2)`, the faster variant without the x_xe view.
-Every variant x `--jit_compile` setting is built in this one process and the
-timed steps are interleaved (`common.interleaved_times`), so the CGC / plain
+Every variant x `--jit_compile` x `--dtype_policy` setting is built in this one
+process (a layer keeps the dtype policy it was built under) and the timed steps
+are interleaved; "auto" is cgc-train's `--mixed_precision=auto`
+(`cgc_tf.distribute.resolve_mixed_precision`: bfloat16 where the device computes it
+natively), and with float32 among the policies each row also gets its ratio to
+the float32 step of the same variant ("x f32"). The timed steps are interleaved (`common.interleaved_times`), so the CGC / plain
 ratio (the median of the per-round ratios) holds up on a loaded machine.
 
 Peak memory (`--memory=subprocess`) is measured per variant in a fresh process
@@ -49,7 +54,7 @@ from benchmarks import common  # noqa: E402
 VARIANTS = common.CGC_MODEL_STEP_VARIANTS
 ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
 JIT_SETTINGS = ("false", "true", "auto")
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 
 _ARCH = flags.DEFINE_enum("arch", "resnet18", ARCHS, "Backbone (cgc_tf.backbones.build).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input side S in pixels (>= 8).")
@@ -65,8 +70,11 @@ _JIT_COMPILE = flags.DEFINE_list(
     ["false"],
     f"XLA settings to time, a subset of {list(JIT_SETTINGS)} (each variant once per setting).",
 )
-_DTYPE_POLICY = flags.DEFINE_enum(
-    "dtype_policy", "float32", DTYPE_POLICIES, "Keras dtype policy (mixed precision)."
+_DTYPE_POLICY = flags.DEFINE_list(
+    "dtype_policy",
+    ["float32"],
+    f"Keras dtype policies to time, a subset of {list(DTYPE_POLICIES)} (auto: as "
+    "cgc-train --mixed_precision=auto).",
 )
 _REPLICAS = flags.DEFINE_integer(
     "replicas",
@@ -96,7 +104,11 @@ _PROBE = flags.DEFINE_string(
 
 def _check_flags():
     common.check_subsets(
-        (("variants", _VARIANTS.value, VARIANTS), ("jit_compile", _JIT_COMPILE.value, JIT_SETTINGS))
+        (
+            ("variants", _VARIANTS.value, VARIANTS),
+            ("jit_compile", _JIT_COMPILE.value, JIT_SETTINGS),
+            ("dtype_policy", _DTYPE_POLICY.value, DTYPE_POLICIES),
+        )
     )
     common.check_minimums(
         (
@@ -142,16 +154,31 @@ def _strategy(replicas):
     return tf.distribute.MirroredStrategy([device.name for device in devices[:replicas]])
 
 
-def _build(variant, jit):
-    return common.build_step_model(
-        variant,
-        _ARCH.value,
-        _IMAGE_SIZE.value,
-        _NUM_CLASSES.value,
-        jit,
-        _LEARNING_RATE.value,
-        _SEED.value,
-    )
+def _resolved_policy(policy):
+    """A Keras dtype policy name; "auto" as cgc-train resolves it on this machine."""
+    if policy != "auto":
+        return policy
+    from cgc_tf import distribute
+
+    return distribute.resolve_mixed_precision("auto", "default")[0]
+
+
+def _build(variant, jit, policy):
+    import keras
+
+    keras.mixed_precision.set_dtype_policy(_resolved_policy(policy))
+    try:
+        return common.build_step_model(
+            variant,
+            _ARCH.value,
+            _IMAGE_SIZE.value,
+            _NUM_CLASSES.value,
+            jit,
+            _LEARNING_RATE.value,
+            _SEED.value,
+        )
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
 
 
 def _batch():
@@ -161,10 +188,15 @@ def _batch():
 
 
 def _configurations():
-    return [(variant, jit) for jit in _JIT_COMPILE.value for variant in _VARIANTS.value]
+    return [
+        (variant, jit, policy)
+        for policy in _DTYPE_POLICY.value
+        for jit in _JIT_COMPILE.value
+        for variant in _VARIANTS.value
+    ]
 
 
-def _description(variant, jit):
+def _description(variant, jit, policy):
     return {
         "benchmark": "step_time",
         "variant": variant,
@@ -174,12 +206,13 @@ def _description(variant, jit):
         "batch_size": _BATCH_SIZE.value,
         "num_classes": _NUM_CLASSES.value,
         "jit_compile": jit,
-        "dtype_policy": _DTYPE_POLICY.value,
+        "dtype_policy": policy,
+        "keras_dtype_policy": _resolved_policy(policy),
         "replicas": _REPLICAS.value,
     }
 
 
-def _probe_memory(variant, jit):
+def _probe_memory(variant, jit, policy):
     """Child process: memory of `variant` with XLA setting `jit`; prints the probe result."""
     import tensorflow as tf
 
@@ -187,7 +220,7 @@ def _probe_memory(variant, jit):
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")[:1]
     batch = _batch()
     with strategy.scope():
-        model = _build(variant, jit)
+        model = _build(variant, jit, policy)
     step = common.make_train_step(model, variant, batch, strategy)
     for _ in range(_WARMUP_STEPS.value):
         step()
@@ -197,7 +230,7 @@ def _probe_memory(variant, jit):
 
     # The parent checks that the probe measured the configuration it asked for.
     result = {
-        "configuration": _description(variant, jit),
+        "configuration": _description(variant, jit, policy),
         "allocator_before_steps": allocator("current"),
     }
     for device in devices:
@@ -210,7 +243,7 @@ def _probe_memory(variant, jit):
     common.print_probe_result(result)
 
 
-def _probe_flags(variant, jit):
+def _probe_flags(variant, jit, policy):
     """The command line of the memory probe of `variant` with XLA setting `jit`.
 
     Built from this run's flag values: absl passes `main` only the positional
@@ -221,7 +254,7 @@ def _probe_flags(variant, jit):
         f"--image_size={_IMAGE_SIZE.value}",
         f"--batch_size={_BATCH_SIZE.value}",
         f"--num_classes={_NUM_CLASSES.value}",
-        f"--dtype_policy={_DTYPE_POLICY.value}",
+        f"--dtype_policy={policy}",
         f"--replicas={_REPLICAS.value}",
         f"--warmup_steps={_WARMUP_STEPS.value}",
         f"--memory_steps={_MEMORY_STEPS.value}",
@@ -231,18 +264,18 @@ def _probe_flags(variant, jit):
     ]
 
 
-def _memory_of(variant, jit):
+def _memory_of(variant, jit, policy):
     """Runs `_probe_memory` in a fresh process; returns the memory fields of a record."""
     # Only the BFC allocator keeps the statistics get_memory_info reads on CPU.
     probe = common.run_probe(
         "benchmarks.step_time",
-        _probe_flags(variant, jit),
+        _probe_flags(variant, jit, policy),
         env={"TF_CPU_ALLOCATOR_USE_BFC": "true"},
     )
-    if probe.get("configuration") != _description(variant, jit):
+    if probe.get("configuration") != _description(variant, jit, policy):
         raise RuntimeError(
             f"the memory probe measured {probe.get('configuration')}, not the requested "
-            f"{_description(variant, jit)}"
+            f"{_description(variant, jit, policy)}"
         )
     peak = common.mebibytes(probe["allocator_peak"])
     return {
@@ -254,7 +287,6 @@ def _memory_of(variant, jit):
 
 def run():
     """Times every configuration; returns (machine description, records)."""
-    import keras
     import tensorflow as tf
 
     strategy = _strategy(_REPLICAS.value)
@@ -262,32 +294,41 @@ def run():
     batch = _batch()
     steps = {}
     with strategy.scope():
-        for variant, jit in _configurations():
-            model = _build(variant, jit)
-            steps[(variant, jit)] = common.make_train_step(model, variant, batch, strategy)
+        for configuration in _configurations():
+            variant, jit, policy = configuration
+            model = _build(variant, jit, policy)
+            steps[configuration] = common.make_train_step(model, variant, batch, strategy)
             # "auto" resolves inside compile; record what it chose.
-            steps[(variant, jit)].resolved_jit = bool(model.jit_compile)
+            steps[configuration].resolved_jit = bool(model.jit_compile)
     times = common.interleaved_times(steps, _WARMUP_STEPS.value, _TIMED_STEPS.value)
     description["load_average_after"] = common.load_average()
     records = []
-    for variant, jit in _configurations():
-        record = _description(variant, jit)
-        record.update(common.summarize(times[(variant, jit)]))
-        record["xla"] = steps[(variant, jit)].resolved_jit
+    for configuration in _configurations():
+        variant, jit, policy = configuration
+        record = _description(variant, jit, policy)
+        record.update(common.summarize(times[configuration]))
+        record["xla"] = steps[configuration].resolved_jit
         record["images_per_s"] = _BATCH_SIZE.value / record["median_s"]
-        if ("plain", jit) in times:
-            plain_times = times[("plain", jit)]
+        if ("plain", jit, policy) in times:
+            plain_times = times[("plain", jit, policy)]
             record["plain_median_s"] = common.summarize(plain_times)["median_s"]
-            record.update(common.ratios_to(times[(variant, jit)], plain_times, "plain"))
+            record.update(common.ratios_to(times[configuration], plain_times, "plain"))
+        if (variant, jit, "float32") in times:
+            record.update(
+                common.ratios_to(times[configuration], times[(variant, jit, "float32")], "float32")
+            )
         record["device"] = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        record["keras_dtype_policy"] = keras.config.dtype_policy().name
         records.append(record)
     if _MEMORY.value == "subprocess":
         for record in records:
-            record.update(_memory_of(record["variant"], record["jit_compile"]))
-        plain = {r["jit_compile"]: r for r in records if r["variant"] == "plain"}
+            record.update(
+                _memory_of(record["variant"], record["jit_compile"], record["dtype_policy"])
+            )
+        plain = {
+            (r["jit_compile"], r["dtype_policy"]): r for r in records if r["variant"] == "plain"
+        }
         for record in records:
-            reference = plain.get(record["jit_compile"])
+            reference = plain.get((record["jit_compile"], record["dtype_policy"]))
             if reference is not None:
                 record["peak_ratio"] = record["peak_mib"] / reference["peak_mib"]
                 record["step_memory_ratio"] = record["step_mib"] / reference["step_mib"]
@@ -299,7 +340,9 @@ def run():
 COLUMNS = [
     ("variant", "variant"),
     ("jit_compile", "jit"),
+    ("keras_dtype_policy", "policy"),
     *common.PLAIN_COMPARISON_COLUMNS,
+    ("ratio_to_float32", "x f32"),
     ("images_per_s", "img/s"),
     ("peak_mib", "peak MiB"),
     ("peak_ratio", "peak x plain"),
@@ -312,20 +355,19 @@ COLUMNS = [
 def main(argv):
     del argv  # Unused: everything comes in through flags.
     _check_flags()
-    import keras
-
     _configure_devices(_REPLICAS.value)
-    keras.mixed_precision.set_dtype_policy(_DTYPE_POLICY.value)
     if _PROBE.value:
         variant, _, jit = _PROBE.value.partition(":")
         if variant not in VARIANTS or jit not in JIT_SETTINGS:
             raise app.UsageError(f"--probe={_PROBE.value!r} must be 'variant:jit'")
-        _probe_memory(variant, jit)
+        if len(_DTYPE_POLICY.value) != 1:
+            raise app.UsageError("--probe measures one --dtype_policy")
+        _probe_memory(variant, jit, _DTYPE_POLICY.value[0])
         return
     description, records = run()
     settings = (
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value}, "
-        f"{_DTYPE_POLICY.value}, {_REPLICAS.value} replica(s), {_WARMUP_STEPS.value} warm-up + "
+        f"{','.join(_DTYPE_POLICY.value)}, {_REPLICAS.value} replica(s), {_WARMUP_STEPS.value} warm-up + "
         f"{_TIMED_STEPS.value} timed steps per variant, interleaved; x plain = median of "
         "per-round ratios (wall clock; CPU = this process's CPU time); peak = TF allocator "
         "peak over the memory steps, step = peak - allocator use before them (see the "

@@ -233,6 +233,20 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertEqual(plain["peak_ratio"], 1.0)
         self.assertEqual([r["views"] for r in records], [1, 1, 2])
 
+    def test_step_time_float32_and_auto_side_by_side(self):
+        from cgc_tf import distribute
+
+        _, records = _run_benchmark(
+            "step_time", "--arch=small_resnet", "--image_size=16", "--batch_size=4",
+            "--num_classes=3", "--variants=plain", "--dtype_policy=float32,auto",
+            "--warmup_steps=1", "--timed_steps=2", "--memory=none",
+        )
+        self.assertEqual([r["dtype_policy"] for r in records], ["float32", "auto"])
+        auto_policy = distribute.resolve_mixed_precision("auto", "default")[0]
+        self.assertEqual([r["keras_dtype_policy"] for r in records], ["float32", auto_policy])
+        self.assertEqual(records[0]["ratio_to_float32"], 1.0)
+        self.assertGreater(records[1]["ratio_to_float32"], 0.0)
+
     def test_explain_latency(self):
         table, records = _run_benchmark(
             "explain_latency",
