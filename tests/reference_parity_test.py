@@ -360,6 +360,7 @@ class ReferenceParityTest(tf.test.TestCase):
             self.assertLessEqual(difference, LEARNING_RATES[0] * gradient_norm * relative, name)
         self.differences["weights after one full step (own gradients) max |diff|"] = largest
 
+@pytest.mark.slow
 class ReferenceArchitectureTest(tf.test.TestCase, parameterized.TestCase):
     """Our ResNet-34/50 compute the reference's (torchvision's) forward pass."""
 
