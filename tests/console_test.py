@@ -150,7 +150,7 @@ class QuietRunTest(tf.test.TestCase):
         binary = shutil.which("cgc-train")
         if binary is None:
             self.skipTest("cgc-tf is not pip-installed")
-        model_dir = self.create_tempdir().full_path
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
         environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
         result = subprocess.run(
             [binary, "--epochs=1", "--steps_per_epoch=1", "--batch_size=4", "--image_size=32",
