@@ -8,6 +8,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
@@ -36,6 +37,7 @@ def _all_cheap_features(prepared_builder, split):
     return next(iter(dataset.batch(10_000).as_numpy_iterator()))
 
 
+@pytest.mark.slow  # builds the 48x48 dataset twice
 class ClutteredDigitsDatasetTest(tf.test.TestCase):
     """Checks on the prepared dataset (default 48x48 config, built twice)."""
 

@@ -9,6 +9,7 @@ from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -103,6 +104,7 @@ class ClutteredDigitsTest(tf.test.TestCase):
         self.assertEqual((self.info.train_split, self.info.eval_split), ("train", "test"))
         self.assertTrue(self.info.has_bounding_boxes)
 
+    @pytest.mark.slow
     def test_shards_are_disjoint_record_ranges_that_cover_the_split(self):
         source = sources.resolve("cluttered_digits", self.data_dir, IMAGE_SIZE)
         names, _ = source.label_index("train")
@@ -240,6 +242,7 @@ class ClutteredDigitsTest(tf.test.TestCase):
         )
 
 
+@pytest.mark.slow
 class ClutteredDigitsHoldoutTest(tf.test.TestCase):
     """`cluttered_digits_holdout`: the train digits split into train and validation."""
 

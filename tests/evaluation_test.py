@@ -240,6 +240,7 @@ class GridAndLoadingTest(tf.test.TestCase):
             evaluation.load_model(os.path.join(directory, "missing.h5"))
         self.assertEqual(evaluation.read_model_dir_config(self._directory()), {})
 
+    @pytest.mark.slow
     def test_saved_model_from_cgc_export_gives_the_same_metrics(self):
         from cgc_tf import export
 

@@ -8,6 +8,7 @@ import warnings
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -233,6 +234,7 @@ class CGCModelTest(testing_base.TestCase):
         self.assertFalse(model.compiled)
         self.assertAllEqual(model.predict(self.images[:2], verbose=0).shape, (2, 3))
 
+    @pytest.mark.slow
     def test_keras_applications_backbone(self):
         backbone = keras.applications.MobileNetV2(
             input_shape=(32, 32, 3), weights=None, classes=3, classifier_activation=None, alpha=0.35

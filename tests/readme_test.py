@@ -5,6 +5,7 @@ import pathlib
 import re
 import tempfile
 
+import pytest
 import tensorflow as tf
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -12,6 +13,7 @@ CI_SCRIPT = README.parent / ".ci" / "run"
 
 
 class ReadmeTest(tf.test.TestCase):
+    @pytest.mark.slow
     def test_user_code_example_runs(self):
         text = README.read_text()
         section = text.split("## Use it from your own code", 1)[1]

@@ -11,6 +11,7 @@ import tempfile
 
 import hypothesis
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 from hypothesis import strategies as st
@@ -171,6 +172,7 @@ class BytesSignatureTest(_LoadedModelTestCase):
         """Keras explain of the evaluation pipeline's view of one encoded image."""
         return self.reference(_evaluation_view(data)[None])
 
+    @pytest.mark.slow
     @hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
     @hypothesis.given(st.lists(_ELEMENTS, min_size=1, max_size=4))
     def test_bad_elements_do_not_affect_good_ones(self, elements):
