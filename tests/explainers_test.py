@@ -269,10 +269,12 @@ class ExplainTest(tf.test.TestCase, parameterized.TestCase):
     def test_keras_applications(self, name, size):
         self._check_application(name, size)
 
-    @pytest.mark.slow
     @parameterized.named_parameters(
         *[(name, name, size) for name, size, slow in APPLICATIONS if slow]
     )
+    # Below the parameterization: the generated tests copy the function's marks
+    # (a mark above named_parameters is lost and the tests ran in the fast lane).
+    @pytest.mark.slow
     def test_keras_applications_slow(self, name, size):
         self._check_application(name, size)
 
