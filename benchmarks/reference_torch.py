@@ -17,7 +17,27 @@ machine in the same sitting:
 ResNet-18/50 are written here with torch.nn (torchvision is not used: its PyPI
 build does not import beside every torch build). Timings are interleaved as in
 step_time (wall clock and this process's CPU time).
+
+`--model_code=reference` times the published code itself instead:
+models/resnet_multigpu_cgc.py of the reference (`--reference_dir`, default
+../shared/reference-cgc beside this repository), its `forward(..., vanilla=True)`
+for plain and its CGC `forward` (3 views, Grad-CAM, warp, InfoNCE; 224x224
+only: it resizes heatmaps to 224) for cgc3, with `.cuda()` made a no-op on a
+machine without CUDA. `--autocast=bfloat16` runs forward and loss under
+`torch.autocast(device_type="cpu", dtype=torch.bfloat16)`, torch's mixed
+precision; a step that fails under it (the reference's CGC forward calls numpy
+on a bfloat16 tensor) is reported with its error instead of a time.
+
+Side by side with our step in one sitting (ResNet-18 224, batch 16):
+
+  python -m benchmarks.step_time --variants=plain,cgc3 --dtype_policy=float32,auto
+  python -m benchmarks.reference_torch --model_code=reference --variants=plain,cgc3
+  python -m benchmarks.reference_torch --model_code=reference --variants=plain,cgc3 \
+    --autocast=bfloat16
 """
+
+import os
+import sys
 
 import math
 
@@ -37,6 +57,19 @@ _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per varia
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per variant (>= 1).")
 _THREADS = flags.DEFINE_integer("threads", None, "torch.set_num_threads; default torch's own.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the batch.")
+_MODEL_CODE = flags.DEFINE_enum(
+    "model_code", "transcription", ("transcription", "reference"),
+    "transcription: the step written here; reference: the reference's own model code.",
+)
+_REFERENCE_DIR = flags.DEFINE_string(
+    "reference_dir",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                 "reference-cgc"),
+    "The reference repository (holds models/resnet_multigpu_cgc.py), for --model_code=reference.",
+)
+_AUTOCAST = flags.DEFINE_enum(
+    "autocast", "none", ("none", "bfloat16"), "torch.autocast on the CPU for forward and loss."
+)
 
 LAMBDA = 0.5
 TEMPERATURE = 0.5
@@ -195,6 +228,72 @@ def _info_nce(anchors, positives):
     return functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long))
 
 
+def _reference_step(variant, batch, size):
+    """A step of `variant` ("plain" or "cgc3") with the reference's own model code."""
+    import torch
+    import torch.nn.functional as functional
+
+    if not torch.cuda.is_available():
+        # The reference moves tensors with .cuda(); on a CPU-only machine that is
+        # a no-op here, as it is with one GPU's tensors already there.
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    sys.path.insert(0, os.path.abspath(_REFERENCE_DIR.value))
+    from models import resnet_multigpu_cgc  # the reference's package (MIT)
+
+    torch.manual_seed(_SEED.value)
+    model = getattr(resnet_multigpu_cgc, _ARCH.value)(num_classes=_NUM_CLASSES.value)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x_xe, x_orig, labels = batch
+    generator = torch.Generator().manual_seed(_SEED.value)
+
+    def nce(logits):  # train_eval_cgc.py's NCESoftmaxLoss, without its .cuda()
+        return functional.cross_entropy(
+            logits.squeeze() / TEMPERATURE, torch.zeros(logits.shape[0], dtype=torch.long)
+        )
+
+    def plain():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast():
+            loss = functional.cross_entropy(model(x_xe, None, vanilla=True), labels)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def cgc3():
+        optimizer.zero_grad(set_to_none=True)
+        boxes, flips = _sample_transform(len(labels), size, generator)
+        x_aug = _warp(x_orig, boxes, flips, size)
+        # train_eval_cgc.py's augmentation parameters: crop top/left/height/width, flip.
+        params = {
+            key: torch.tensor([box[index] for box in boxes])
+            for index, key in enumerate(("transforms_i", "transforms_j", "transforms_h",
+                                         "transforms_w"))
+        }
+        params["hor_flip"] = torch.tensor(flips)
+        with _autocast():
+            _, xe_loss, contrastive_loss = model(
+                x_orig, nce, xe_images=x_xe, aug_images=x_aug, aug_params_dict=params,
+                targets=labels, xent_criterion=torch.nn.CrossEntropyLoss(),
+            )
+            loss = xe_loss.mean() + LAMBDA * contrastive_loss.mean()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return plain if variant == "plain" else cgc3
+
+
+def _autocast():
+    import contextlib
+
+    import torch
+
+    if _AUTOCAST.value == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
 def make_step(variant, build, batch, size):
     """A callable running one optimizer step of `variant`."""
     import torch
@@ -209,13 +308,18 @@ def make_step(variant, build, batch, size):
 
     def plain():
         optimizer.zero_grad(set_to_none=True)
-        _, logits = model(x_xe)
-        loss = functional.cross_entropy(logits, labels)
+        with _autocast():
+            _, logits = model(x_xe)
+            loss = functional.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
 
     def cgc(views):
+        with _autocast():
+            return cgc_step(views)
+
+    def cgc_step(views):
         optimizer.zero_grad(set_to_none=True)
         boxes, flips = _sample_transform(len(labels), size, generator)
         x_aug = _warp(x_orig, boxes, flips, size)
@@ -251,6 +355,11 @@ def main(argv):
     common.check_minimums(
         (("batch_size", _BATCH_SIZE.value, 2), ("image_size", _IMAGE_SIZE.value, 32))
     )
+    reference = _MODEL_CODE.value == "reference"
+    if reference:
+        common.check_subsets((("variants", _VARIANTS.value, ("plain", "cgc3")),))
+        if "cgc3" in _VARIANTS.value and _IMAGE_SIZE.value != 224:
+            raise app.UsageError("--model_code=reference's CGC step needs --image_size=224")
     build = _torch_modules()
     generator = torch.Generator().manual_seed(_SEED.value)
     shape = (_BATCH_SIZE.value, 3, _IMAGE_SIZE.value, _IMAGE_SIZE.value)
@@ -259,7 +368,18 @@ def main(argv):
         torch.rand(shape, generator=generator),
         torch.randint(0, _NUM_CLASSES.value, (_BATCH_SIZE.value,), generator=generator),
     )
-    steps = {v: make_step(v, build, batch, _IMAGE_SIZE.value) for v in _VARIANTS.value}
+    steps, errors = {}, {}
+    for variant in _VARIANTS.value:
+        if reference:
+            step = _reference_step(variant, batch, _IMAGE_SIZE.value)
+        else:
+            step = make_step(variant, build, batch, _IMAGE_SIZE.value)
+        try:
+            step()  # one untimed step: a step that cannot run is reported, not timed
+        except Exception as error:  # pylint: disable=broad-except
+            errors[variant] = f"{type(error).__name__}: {error}"
+            continue
+        steps[variant] = step
     description = common.host_description()
     times = common.interleaved_times(steps, _WARMUP_STEPS.value, _TIMED_STEPS.value)
     description.update(
@@ -276,8 +396,14 @@ def main(argv):
             "image_size": _IMAGE_SIZE.value,
             "batch_size": _BATCH_SIZE.value,
             "num_classes": _NUM_CLASSES.value,
-            **common.summarize(times[variant]),
+            "model_code": _MODEL_CODE.value,
+            "autocast": _AUTOCAST.value,
         }
+        if variant in errors:
+            record["error"] = errors[variant]
+            records.append(record)
+            continue
+        record.update(common.summarize(times[variant]))
         if "plain" in times:
             record["plain_median_s"] = common.summarize(times["plain"])["median_s"]
             record.update(common.ratios_to(times[variant], times["plain"], "plain"))
@@ -289,11 +415,12 @@ def main(argv):
         f"{description['load_average']}"
     )
     settings = (
-        f"reference (PyTorch) {_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch "
+        f"reference (PyTorch, {_MODEL_CODE.value} code, autocast {_AUTOCAST.value}) "
+        f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch "
         f"{_BATCH_SIZE.value}; {_WARMUP_STEPS.value} warm-up + {_TIMED_STEPS.value} timed steps, "
         "interleaved"
     )
-    columns = [("variant", "variant"), *common.PLAIN_COMPARISON_COLUMNS]
+    columns = [("variant", "variant"), *common.PLAIN_COMPARISON_COLUMNS, ("error", "error")]
     common.print_report([machine, settings], records, columns)
 
 

@@ -343,6 +343,20 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertEqual([r["variant"] for r in records], ["plain", "cgc3", "cgc2"])
         self.assertEqual(records[0]["ratio_to_plain"], 1.0)
 
+    def test_reference_torch_with_the_reference_code_under_autocast(self):
+        try:
+            import torch  # noqa: F401  (optional benchmark dependency)
+        except ImportError:
+            self.skipTest("torch is not installed (optional, see docs/performance.md)")
+        _, records = _run_benchmark(
+            "reference_torch", "--model_code=reference", "--autocast=bfloat16",
+            "--variants=plain", "--arch=resnet18", "--image_size=32", "--batch_size=2",
+            "--num_classes=3", "--warmup_steps=1", "--timed_steps=1",
+        )
+        (record,) = records
+        self.assertEqual((record["model_code"], record["autocast"]), ("reference", "bfloat16"))
+        self.assertGreater(record["median_s"], 0.0)
+
 
 if __name__ == "__main__":
     tf.test.main()
