@@ -34,8 +34,9 @@ _RESULT_PREFIX = "worker result: "
 _TRAIN_EXAMPLES = 5748  # the embedded dataset's train split
 # One two-worker launch on a loaded 2-core machine: two TensorFlow start-ups, the
 # embedded dataset's first build (first launch), two tiny epochs and the chief's
-# final evaluation. A hung collective fails the test instead of the CI.
-_RUN_TIMEOUT_SECONDS = 300
+# final evaluation (~170 s of training and minutes of evaluation at load 14). A
+# hung collective fails the test instead of the CI.
+_RUN_TIMEOUT_SECONDS = 900
 
 
 def _binary_flags(model_dir, data_dir, epochs, synchronized_batch_norm):
@@ -170,7 +171,8 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
 
         self.assertCountEqual(
             os.listdir(self.model_dir),
-            ["config.json", "model.keras", "metrics.json", "log.csv", "checkpoints", "tensorboard",
+            ["config.json", "model.keras", training.BACKBONE_WEIGHTS_FILE, "metrics.json",
+             "log.csv", "checkpoints", "tensorboard",
              training.INPUT_STATS_DIR,  # every worker's own file
              run_lock.LOCK_FILE],  # the chief's lock; the other worker takes none
         )
