@@ -62,10 +62,10 @@ def auto_target_layer(model, image_size=None):
     candidates = gradcam_lib.target_candidates(model, image_size)
     if not candidates:
         shapes = {
-            layer.name: tuple(layer.output.shape)
+            layer.name: tuple(gradcam_lib.layer_output(layer, model).shape)
             for layer in model.layers
-            if gradcam_lib.layer_output(layer) is not None
-            and len(layer.output.shape) in (3, 4)
+            if gradcam_lib.layer_output(layer, model) is not None
+            and len(gradcam_lib.layer_output(layer, model).shape) in (3, 4)
         }
         raise ValueError(
             f"model {model.name!r} has no layer with a spatial [B, h, w, k] (h * w > 1) or "
@@ -90,7 +90,7 @@ def auto_target_layer(model, image_size=None):
 
 def _last_dependent_layer(model, candidates, image_size):
     """The last candidate with a non-zero top-logit gradient at >= 2 positions, or None."""
-    outputs = [gradcam_lib.layer_output(model.get_layer(name)) for name in candidates]
+    outputs = [gradcam_lib.layer_output(model.get_layer(name), model) for name in candidates]
     probe = keras.Model(model.inputs, outputs + [gradcam_lib.logits_output(model)])
     images = tf.random.stateless_uniform(_probe_shape(model, image_size), seed=_PROBE_SEED)
     with tf.GradientTape() as tape:

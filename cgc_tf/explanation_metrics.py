@@ -122,7 +122,8 @@ def noisy_linear_imputation(image, removed, noise=ROAD_NOISE, seed=0):
         return image.astype(np.float32)
     unknown = -np.ones((height, width), np.int64)
     unknown[rows, columns] = np.arange(rows.size)
-    matrix = sparse.lil_matrix((rows.size, rows.size))
+    equations = np.arange(rows.size)
+    entries = ([], [], [])  # COO rows, columns, values of the unknowns' couplings
     right = np.zeros((rows.size, channels))
     total = np.zeros(rows.size)
     for (row_offset, column_offset), weight in ROAD_NEIGHBOURS:
@@ -131,15 +132,22 @@ def noisy_linear_imputation(image, removed, noise=ROAD_NOISE, seed=0):
             (neighbour_rows >= 0) & (neighbour_rows < height)
             & (neighbour_columns >= 0) & (neighbour_columns < width)
         )
-        for equation in np.nonzero(inside)[0]:
-            r, c = neighbour_rows[equation], neighbour_columns[equation]
-            total[equation] += weight
-            if removed[r, c]:
-                matrix[equation, unknown[r, c]] -= weight
-            else:
-                right[equation] += weight * image[r, c]
-    matrix.setdiag(total)
-    solution = linalg.spsolve(matrix.tocsc(), right).reshape(rows.size, channels)
+        index, r, c = equations[inside], neighbour_rows[inside], neighbour_columns[inside]
+        total[index] += weight
+        is_unknown = removed[r, c]
+        entries[0].append(index[is_unknown])
+        entries[1].append(unknown[r[is_unknown], c[is_unknown]])
+        entries[2].append(np.full(int(is_unknown.sum()), -weight))
+        known = ~is_unknown
+        np.add.at(right, index[known], weight * image[r[known], c[known]])
+    entries[0].append(equations)
+    entries[1].append(equations)
+    entries[2].append(total)
+    matrix = sparse.csc_matrix(
+        (np.concatenate(entries[2]), (np.concatenate(entries[0]), np.concatenate(entries[1]))),
+        shape=(rows.size, rows.size),
+    )
+    solution = linalg.spsolve(matrix, right).reshape(rows.size, channels)
     result = image.copy()
     result[rows, columns] = solution + noise * np.random.default_rng(seed).standard_normal(
         solution.shape

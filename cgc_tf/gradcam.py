@@ -86,13 +86,37 @@ def to_grid(tensor, image_size=None):
     return tf.reshape(tensor[:, extra:], [-1, height, width, tensor.shape[2]])
 
 
-def layer_output(layer):
-    """The single KerasTensor a layer outputs, or None (several outputs, shared layer)."""
-    try:
-        output = layer.output
-    except (AttributeError, ValueError):
+def _graph_node(layer, model):
+    """The Node of `layer`'s single call in `model`'s graph, or None.
+
+    A layer's own `input`/`output` are its first call's, which for a reloaded or
+    rebuilt Sequential model belong to a stale graph.
+    """
+    nodes = list(getattr(layer, "_inbound_nodes", []))
+    graph = getattr(model, "_functional", None) or model
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    if by_depth is not None:
+        in_graph = {id(node) for depth_nodes in by_depth.values() for node in depth_nodes}
+        nodes = [node for node in nodes if id(node) in in_graph]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def layer_output(layer, model=None):
+    """The single KerasTensor `layer` outputs in `model`'s graph, or None.
+
+    None for layers with several outputs or called several times in the graph.
+    """
+    node = _graph_node(layer, model)
+    if node is None or len(node.outputs) != 1:
         return None
+    output = node.outputs[0]
     return output if isinstance(output, keras.KerasTensor) else None
+
+
+def _layer_inputs(layer, model):
+    """The KerasTensors `layer` takes in `model`'s graph (empty if unknown)."""
+    node = _graph_node(layer, model)
+    return [] if node is None else list(node.input_tensors)
 
 
 def target_candidates(model, image_size=None):
@@ -107,7 +131,7 @@ def target_candidates(model, image_size=None):
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        output = layer_output(layer)
+        output = layer_output(layer, model)
         if output is not None and target_kind(output.shape, image_size) is not None:
             names.append(layer.name)
     return names
@@ -146,7 +170,7 @@ class DenseLogits(keras.layers.Layer):
 def _output_layer(model):
     output = model.outputs[0]
     for layer in reversed(model.layers):
-        if layer_output(layer) is output:
+        if layer_output(layer, model) is output:
             return layer
     return None
 
@@ -173,7 +197,7 @@ def logits_output(model):
     if layer is None:
         return model.outputs[0]
     if _is_softmax_layer(layer):
-        return layer.input
+        return _layer_inputs(layer, model)[0]
     if _is_softmax(getattr(layer, "activation", None)):
         if not isinstance(layer, keras.layers.Dense):
             raise ValueError(
@@ -181,8 +205,20 @@ def logits_output(model):
                 "softmax activation, whose logits cannot be read; build the model with "
                 "logits outputs (e.g. classifier_activation=None)"
             )
-        return DenseLogits(layer, name=f"{layer.name}_logits")(layer.input)
+        return DenseLogits(layer, name=f"{layer.name}_logits")(_layer_inputs(layer, model)[0])
     return model.outputs[0]
+
+
+def logits_model(model):
+    """`model` itself if it outputs logits; else a model sharing its weights that does.
+
+    For a classifier ending in a softmax (`logits_output`), the returned model
+    maps the same inputs to the pre-softmax logits [B, K].
+    """
+    logits = logits_output(model)
+    if logits is model.outputs[0]:
+        return model
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
 
 
 def default_target_layer(model):
@@ -226,7 +262,7 @@ def feature_model(model, target_layer):
             f"[B, h, w, k] or token-grid [B, N, D] output; the last such layers are "
             f"{candidates[-12:]}"
         )
-    features = layer_output(model.get_layer(target_layer))
+    features = layer_output(model.get_layer(target_layer), model)
     return keras.Model(
         model.inputs, [features, logits_output(model)], name=f"{model.name}_gradcam"
     )
@@ -382,32 +418,36 @@ def pooling_dense_head(model, target_layer):
     following = _consumers(model, pooling)
     while len(following) == 1 and isinstance(following[0], keras.layers.Dropout):
         following = _consumers(model, following[0])
+    if len(following) == 1 and isinstance(following[0], DenseLogits):
+        # `logits_model` of a Dense-softmax head: the logits are the Dense's pre-activation.
+        is_output = layer_output(following[0], model) is model.outputs[0]
+        return following[0].dense if is_output else None
     if len(following) != 1 or not isinstance(following[0], keras.layers.Dense):
         return None
     dense = following[0]
     linear = dense.activation in (None, keras.activations.linear)
-    if dense.output is model.outputs[0] and (linear or _is_softmax(dense.activation)):
+    dense_output = layer_output(dense, model)
+    if dense_output is model.outputs[0] and (linear or _is_softmax(dense.activation)):
         return dense
     output_layer = _output_layer(model)
-    if linear and _is_softmax_layer(output_layer) and output_layer.input is dense.output:
+    if (
+        linear
+        and _is_softmax_layer(output_layer)
+        and _layer_inputs(output_layer, model)[0] is dense_output
+    ):
         return dense
     return None
 
 
 def _consumers(model, layer):
     """Layers of `model` that take `layer`'s output as input."""
-    output = layer_output(layer)
-    found = []
-    for candidate in model.layers:
-        if candidate is layer:
-            continue
-        try:
-            inputs = tf.nest.flatten(candidate.input)
-        except (AttributeError, ValueError):
-            continue
-        if any(tensor is output for tensor in inputs):
-            found.append(candidate)
-    return found
+    output = layer_output(layer, model)
+    return [
+        candidate
+        for candidate in model.layers
+        if candidate is not layer
+        and any(tensor is output for tensor in _layer_inputs(candidate, model))
+    ]
 
 
 def closed_form_cam(features, kernel, class_index):

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from cgc_tf import augment as augment_lib
 from cgc_tf import distribute
+from cgc_tf import explainers
 from cgc_tf import gradcam as gradcam_lib
 from cgc_tf import losses
 
@@ -63,10 +64,12 @@ class CGCModel(keras.Model):
         """Builds the model.
 
         Args:
-          backbone: functional keras.Model, float32 images [B, H, W, 3] in [0, 1] ->
-            logits [B, K] (no softmax).
-          target_layer: Grad-CAM layer name (4-D output); None picks the last 4-D
-            layer of the backbone.
+          backbone: built functional or Sequential keras.Model, float32 images
+            [B, H, W, 3] in [0, 1] -> logits [B, K], or a softmax over them (e.g. a
+            keras.applications model), which is trained on its logits
+            (`gradcam.logits_model`; `self.backbone` is that logits model).
+          target_layer: Grad-CAM layer name (spatial or token-grid output); None
+            picks `cgc_tf.explainers.auto_target_layer`'s choice.
           lambda_: weight of the consistency loss (0 = the lambda=0 ablation: the
             multi-view step; the consistency loss is still computed and reported,
             without gradient).
@@ -97,9 +100,11 @@ class CGCModel(keras.Model):
             raise ValueError(f"lambda_={lambda_!r} must be >= 0")
         if views not in VIEWS:
             raise ValueError(f"views={views!r} must be one of {VIEWS}")
-        _check_logits(backbone)
-        self.backbone = backbone
-        self.target_layer = target_layer or gradcam_lib.default_target_layer(backbone)
+        # The model as given, for get_config; a classifier ending in a softmax
+        # trains and is explained on its logits (same weights).
+        self.source_backbone = backbone
+        self.backbone = gradcam_lib.logits_model(backbone)
+        self.target_layer = target_layer or explainers.auto_target_layer(self.backbone)
         self.lambda_ = float(lambda_)
         self.temperature = float(temperature)
         self.consistency = consistency
@@ -501,7 +506,7 @@ class CGCModel(keras.Model):
     # ------------------------------------------------------------ serialise
     def get_config(self):
         return {
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "backbone": keras.saving.serialize_keras_object(self.source_backbone),
             "target_layer": self.target_layer,
             "lambda_": self.lambda_,
             "temperature": self.temperature,
@@ -519,18 +524,6 @@ class CGCModel(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
         return cls(**config)
-
-
-def _check_logits(backbone):
-    """Rejects backbones that end in a softmax: Grad-CAM and CE need logits."""
-    last = backbone.layers[-1]
-    activation = getattr(last, "activation", None)
-    if activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax":
-        raise ValueError(
-            f"backbone {backbone.name!r} ends in a softmax (layer {last.name!r}); build it "
-            "to output logits, e.g. keras.applications.MobileNetV2(..., "
-            "classifier_activation=None)"
-        )
 
 
 def _merge_classification_part(ce, logits, classification):

@@ -277,3 +277,39 @@ def consistency_grid(
             row_boxes[: 1 + len(names)] = [boxes[index]] * (1 + len(names))
         cell_boxes.append(row_boxes)
     return save_grid(path, rows, column_titles, row_titles, captions, cell_boxes)
+
+
+def save_curves(path, fractions, curves, title=None):
+    """Writes insertion and deletion curves side by side to a PNG.
+
+    Args:
+      path: output file (the directory is created).
+      fractions: float [S] fraction of pixels inserted/deleted at each step.
+      curves: dict name -> (insertion float [S], deletion float [S]), e.g. the
+        mean curves of each model; the legend shows each curve's AUC.
+      title: optional figure title.
+
+    Returns:
+      `path`.
+    """
+    fractions = np.asarray(fractions, np.float64)
+    figure = Figure(figsize=(8.0, 3.2), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, squeeze=False)[0]
+    for axis, index, label in ((axes[0], 0, "insertion"), (axes[1], 1, "deletion")):
+        for name, pair in curves.items():
+            values = np.asarray(pair[index], np.float64)
+            area = float(np.sum(0.5 * (values[1:] + values[:-1]) * np.diff(fractions)))
+            axis.plot(fractions, values, label=f"{name} (AUC {area:.3f})")
+        axis.set_xlabel(f"fraction of pixels {'inserted' if index == 0 else 'deleted'}")
+        axis.set_ylabel("probability of the class")
+        axis.set_title(label, fontsize=9)
+        axis.set_xlim(0.0, 1.0)
+        axis.set_ylim(0.0, 1.0)
+        axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, format="png")
+    return path

@@ -74,6 +74,10 @@ _TRANSFORM_MIN_AREA = flags.DEFINE_float(
 _GRID_IMAGES = flags.DEFINE_integer(
     "grid_images", 8, "Images (rows) in grid.png, >= 0 (0: no grid).", lower_bound=0
 )
+_QUALITY_IMAGES = flags.DEFINE_integer(
+    "quality_images", 32, "Images (the first of the split) for sparseness, max-sensitivity, "
+    "ROAD, the randomisation sanity check and curves.png, >= 0 (0: none).", lower_bound=0
+)
 flags.mark_flags_as_mutual_exclusive(["model", "model_dir"], required=True)
 
 
@@ -126,6 +130,25 @@ def _paper_examples(dataset, data_dir, image_size):
     else:
         class_names = data.dataset_info(dataset, data_dir, image_size).class_names
     return annotated.voc_folder_examples(_ANNOTATED_FOLDER.value, class_names)
+
+
+def _add_quality(results, models, dataset, output_dir):
+    """Adds cgc_tf.explanation_quality's metrics of the first model; writes curves.png."""
+    from cgc_tf import evaluation
+    from cgc_tf import explanation_quality
+
+    count = min(_QUALITY_IMAGES.value, _MAX_IMAGES.value or _QUALITY_IMAGES.value)
+    images, labels, _ = evaluation.take_images(dataset, count)
+    explainers = {name: evaluation.as_explainer(model) for name, model in models.items()}
+    quality = explanation_quality.explanation_quality(
+        next(iter(explainers.values())), images, labels, seed=_SEED.value
+    )
+    print("\n".join(f"{key:<40}{value}" for key, value in quality.items()))
+    results.update(quality)
+    path = explanation_quality.save_insertion_deletion_curves(
+        os.path.join(output_dir, "curves.png"), explainers, images, labels, _AUC_STEPS.value
+    )
+    print(f"wrote {path}")
 
 
 def main(argv):
@@ -240,6 +263,8 @@ def main(argv):
     consistency_area = list(paper_protocol.PAPER_TRANSFORM_AREA)
     results = {"protocol": evaluation.PROTOCOL, "consistency_transform_area": consistency_area,
                **results}
+    if _QUALITY_IMAGES.value:
+        _add_quality(results, models, eval_dataset(), output_dir)
     _write_json(os.path.join(output_dir, "metrics.json"), results)
     if _GRID_IMAGES.value:
         images, labels, boxes = evaluation.take_images(eval_dataset(), _GRID_IMAGES.value)

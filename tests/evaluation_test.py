@@ -358,6 +358,38 @@ class EvaluateBinaryTest(tf.test.TestCase):
         self.assertBetween(paper["content_heatmap_percent"], 0.0, 100.0)
         self.assertNotIn("training_transform_area", paper)  # config.json has none
 
+    def test_any_keras_classifier_with_quality_metrics_and_curves(self):
+        # A user's own Sequential classifier ending in a softmax, saved as .keras.
+        keras.utils.set_random_seed(3)
+        classifier = keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv"),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10, activation="softmax", name="head"),
+            ]
+        )
+        path = os.path.join(self.root, "user_classifier.keras")
+        classifier.save(path)
+        output_dir = os.path.join(self.root, "user_evaluation")
+        process = _run_binary(
+            f"--model={path}", "--dataset=cluttered_digits", f"--data_dir={self.data_dir}",
+            "--max_images=8", "--batch_size=8", "--auc_steps=4", "--grid_images=2",
+            "--quality_images=4", f"--output_dir={output_dir}",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+        with open(os.path.join(output_dir, "metrics.json")) as file:
+            results = json.load(file)
+        self.assertEqual(results["quality_images"], 4)
+        self.assertBetween(results["sparseness_gini"], 0.0, 1.0)
+        self.assertGreaterEqual(results["max_sensitivity"], 0.0)
+        self.assertAlmostEqual(results["road_gap"], results["road_lerf"] - results["road_morf"])
+        self.assertEqual(results["randomization_layers"], ["head", "conv"])
+        self.assertLen(results["randomization_spearman"], 2)  # the two layers with weights
+        for name in ("grid.png", "curves.png"):
+            with Image.open(os.path.join(output_dir, name)) as image:
+                self.assertEqual(image.format, "PNG")
+
     def test_bad_flags_give_readable_errors(self):
         process = _run_binary(f"--model={self.root}/missing", "--dataset=cluttered_digits")
         self.assertNotEqual(process.returncode, 0)

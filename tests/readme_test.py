@@ -34,6 +34,19 @@ class ReadmeTest(tf.test.TestCase):
              "val_loss", "val_ce_loss", "val_cgc_loss", "val_accuracy"},
         )
 
+    def test_explain_your_own_model_example_runs(self):
+        section = README.read_text().split("## Explain your own Keras model", 1)[1]
+        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        namespace = {}
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+        for name in ("heatmaps", "plus", "exact"):
+            self.assertEqual(namespace[name].shape, (2, 96, 96), name)
+            self.assertEqual(namespace[name].dtype, tf.float32, name)
+        # Untrained weights give tiny maps: compare at the scale of the largest value.
+        scale = max(float(tf.reduce_max(namespace["heatmaps"])), 1e-30)
+        self.assertAllClose(namespace["exact"] / scale, namespace["heatmaps"] / scale, atol=1e-4)
+        self.assertEqual(namespace["gini"].shape, (2,))
+
     def test_ci_runs_exactly_the_readme_test_command(self):
         blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
         commands = [line for block in blocks for line in block.splitlines()]
