@@ -112,9 +112,8 @@ class CGCModelTest(testing_base.TestCase):
                 return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
                     labels, model.backbone(x), from_logits=True)))
 
-            parsed = model._parse(batch)
-            trained = model._classification_part(parsed, training=True).ce
-            evaluated = model._classification_part(parsed, training=False).ce
+            trained, _ = model._classification_part(batch, training=True)
+            evaluated, _ = model._classification_part(batch, training=False)
             self.assertAllClose(float(trained), ce(trained_on), atol=1e-5, msg=f"views={views}")
             self.assertAllClose(float(evaluated), ce(images), atol=1e-5, msg=f"views={views}")
             self.assertNotAllClose(ce(trained_on), ce(images))
@@ -467,27 +466,25 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
     )
     def test_split_gradients_equal_one_tape(self, kind, views):
         model = _split_model(views)
-        batch = model._parse(_split_batch(kind))
+        data = _split_batch(kind)
         variables = model.trainable_variables
         seeds = _SeedStates(model)
         with tf.GradientTape() as tape:
-            expected_terms = model._forward(batch, training=True)
-        expected = tape.gradient(expected_terms.total, variables)
+            expected_terms = model._loss_terms(data, training=True)
+        expected = tape.gradient(expected_terms[0], variables)
 
         seeds.restore()
         # Traced, as fit runs it: the second tape's inputs wait on control dependencies.
-        terms, gradients = tf.function(model._loss_and_gradients)(batch)
+        gradients, terms = tf.function(model._gradients_and_terms)(data)
 
         split = kind != "unlabelled" and (views == 3 or kind == "semi_supervised")
-        self.assertEqual(model._has_classification_part(batch, training=True), split)
-        for name in ("total", "ce", "cgc"):
-            self.assertAllClose(
-                getattr(terms, name), getattr(expected_terms, name), atol=1e-6, msg=name
-            )
-        if expected_terms.logits is None:
-            self.assertIsNone(terms.logits)
+        self.assertEqual(model._has_classification_part(data, training=True), split)
+        for name, value, expected_value in zip(("total", "ce", "cgc"), terms, expected_terms):
+            self.assertAllClose(value, expected_value, atol=1e-6, msg=name)
+        if expected_terms[4] is None:
+            self.assertIsNone(terms[4])
         else:
-            self.assertAllClose(terms.logits, expected_terms.logits, atol=1e-6)
+            self.assertAllClose(terms[4], expected_terms[4], atol=1e-6)
         for variable, gradient, expected_gradient in zip(variables, gradients, expected):
             if expected_gradient is None:
                 # The logits bias of an unlabelled batch: it does not reach Grad-CAM.
@@ -506,15 +503,15 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
             keras.optimizers.SGD(0.1), initial_scale=2.0**6
         )
         model = _split_model(views=3, optimizer=optimizer)
-        batch = model._parse(_split_batch("labelled"))
+        data = _split_batch("labelled")
         variables = model.trainable_variables
         seeds = _SeedStates(model)
         with tf.GradientTape() as tape:
-            total = model._forward(batch, training=True).total
+            total = model._loss_terms(data, training=True)[0]
             scaled = model.optimizer.scale_loss(total)
         expected = tape.gradient(scaled, variables)
         seeds.restore()
-        _, gradients = tf.function(model._loss_and_gradients)(batch)
+        gradients, _ = tf.function(model._gradients_and_terms)(data)
         for variable, gradient, expected_gradient in zip(variables, gradients, expected):
             scale = np.abs(expected_gradient.numpy()).max()
             self.assertTrue(np.all(np.isfinite(gradient.numpy())), msg=variable.path)
