@@ -41,7 +41,7 @@ _CUINIT = (
 )
 _WARNING_AFTER_INIT = "W1205 13:56:31.002515  1398 some_kernel.cc:12] a warning\n"
 _REAL_ERROR = "E1205 13:56:31.002515  1398 some_kernel.cc:12] OOM when allocating tensor\n"
-_OURS = "cgc-train: 1 CPU visible, strategy auto, precision float32\n"
+_OURS = "cgc-train: 1 CPU visible, strategy default\n"
 _NOISE = _INITIALIZE_LOG + _ONEDNN + _NO_DRIVERS + _CPU_GUARD + _CUINIT + _WARNING_AFTER_INIT
 
 
@@ -161,7 +161,8 @@ class QuietRunTest(tf.test.TestCase):
         self.assertEqual(result.returncode, 0, output[-3000:])
         for pattern in _NOISE_PATTERNS:
             self.assertNotRegex(output, re.compile(pattern, re.M))
-        self.assertRegex(output, r"cgc-train: \d+ CPU visible, strategy \w+, precision float32")
+        self.assertRegex(output, r"cgc-train: \d+ CPU visible, strategy default\n")
+        self.assertRegex(output, r"Precision: (float32|mixed_bfloat16) \(auto: ")
         self.assertIn("Trained 1 epochs", output)
         self.assertIn(f"Outputs in {model_dir}", output)
 

@@ -149,8 +149,8 @@ def main(argv):
     devices = console.setup(verbose=flags.FLAGS["verbosity"].present)
     try:
         config = config_from_flags().validate()
-        precision = "float32" if config.mixed_precision == "none" else config.mixed_precision
-        print(f"cgc-train: {devices} visible, strategy {config.strategy}, precision {precision}")
+        # The precision follows from the devices; run_training prints its choice.
+        print(f"cgc-train: {devices} visible, strategy {config.strategy}")
         metrics = training.run_training(config)
         # None on the non-chief workers of --strategy=multi_worker: only the chief exports.
         if config.export and metrics is not None:
