@@ -106,8 +106,8 @@ def setup(verbose=False):
     """Quiets a binary's console; call first in its main(), after its flags are parsed.
 
     Hides other libraries' Python log records below ERROR (tfds's INFO lines,
-    TensorFlow's deprecation and AutoGraph warnings); cgc_tf's own records and
-    every error stay.
+    TensorFlow's deprecation and AutoGraph warnings, tf2onnx's INFO lines);
+    cgc_tf's own records and every error stay.
 
     Args:
       verbose: bool, True when the user chose a verbosity (e.g. absl's
@@ -117,10 +117,14 @@ def setup(verbose=False):
       str: the visible devices by kind, e.g. "1 CPU" or "1 CPU, 2 GPU".
     """
     if not verbose:
-        for name in ("absl", "tensorflow"):
-            logger = logging.getLogger(name)
-            if _ours_or_error not in logger.filters:
-                logger.addFilter(_ours_or_error)
+        # On the loggers TensorFlow and absl log to, and on the handlers that print
+        # (absl's on the root logger, TensorFlow's own): other libraries' loggers
+        # (tf2onnx, ...) propagate to the root's.
+        loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+        handlers = logging.getLogger().handlers + logging.getLogger("tensorflow").handlers
+        for target in loggers + handlers:
+            if _ours_or_error not in target.filters:
+                target.addFilter(_ours_or_error)
     return visible_devices()
 
 

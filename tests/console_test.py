@@ -108,9 +108,18 @@ class StartupNoiseTest(tf.test.TestCase):
 
 
 class SetupTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        # A handler on the root logger, as absl's app.run installs one.
+        self.handler = logging.StreamHandler()
+        logging.getLogger().addHandler(self.handler)
+
     def tearDown(self):
+        logging.getLogger().removeHandler(self.handler)
         for name in ("absl", "tensorflow"):
             logging.getLogger(name).removeFilter(console._ours_or_error)
+        for handler in logging.getLogger("tensorflow").handlers:
+            handler.removeFilter(console._ours_or_error)
         super().tearDown()
 
     def _passes(self, logger, level, pathname):
@@ -126,6 +135,9 @@ class SetupTest(tf.test.TestCase):
             self.assertFalse(self._passes(logger, logging.WARNING, library))
             self.assertTrue(self._passes(logger, logging.ERROR, library))
             self.assertTrue(self._passes(logger, logging.WARNING, ours))
+        # Records of other libraries' loggers (tf2onnx) reach the root's handlers.
+        tf2onnx = logging.LogRecord("tf2onnx", logging.INFO, library, 1, "message", None, None)
+        self.assertFalse(self.handler.filter(tf2onnx))
         console.setup()  # twice: still one filter
         self.assertEqual(logging.getLogger("absl").filters.count(console._ours_or_error), 1)
 
