@@ -15,6 +15,7 @@ across depths. `small_resnet` (for 32-48 px images; no torch counterpart) keeps
 the "keras" block layout: TF "same" padding, each block starting as the identity.
 """
 
+import importlib
 import re
 
 import keras
@@ -315,10 +316,13 @@ BUILDERS = {
 
 
 def build(arch, input_shape, num_classes, weights=None, synchronized_batch_norm=False):
-    """Builds a backbone by name (a key of `BUILDERS`).
+    """Builds a backbone by name.
 
     Args:
-      arch: a key of `BUILDERS`.
+      arch: a key of `BUILDERS`; a keras.applications model name (e.g.
+        "MobileNetV2", built with weights=None and logits outputs); or
+        "module:callable", called as callable(input_shape=..., num_classes=...)
+        and returning a keras.Model.
       input_shape: (H, W, 3).
       num_classes: int, the logits' width.
       weights: optional local `.weights.h5` file.
@@ -329,17 +333,45 @@ def build(arch, input_shape, num_classes, weights=None, synchronized_batch_norm=
         identically. No effect outside a strategy.
 
     Returns:
-      (model, target_layer_name).
+      (model, target_layer_name), the name None for other than `BUILDERS` (the
+      caller chooses: `cgc_tf.explainers.auto_target_layer`).
     """
-    if arch not in BUILDERS:
-        raise ValueError(f"arch={arch!r} is not known; choose one of {sorted(BUILDERS)}")
-    model = BUILDERS[arch](input_shape=input_shape, num_classes=num_classes, weights=weights)
+    if arch in BUILDERS:
+        model = BUILDERS[arch](input_shape=input_shape, num_classes=num_classes, weights=weights)
+        target_layer = TARGET_LAYERS[arch]
+    else:
+        model, target_layer = _build_other(arch, input_shape, num_classes), None
+        if weights is not None:
+            # As the builders load: layers whose shapes differ (a new head) are skipped.
+            model.load_weights(weights, skip_mismatch=True)
     if synchronized_batch_norm:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 # Read at call time (and saved by get_config); no variable changes.
                 layer.synchronized = True
-    return model, TARGET_LAYERS[arch]
+    return model, target_layer
+
+
+def _build_other(arch, input_shape, num_classes):
+    """A keras.applications model by name (weights=None, logits) or `module:callable`."""
+    if ":" in arch:
+        module_name, _, attribute = arch.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"arch={arch!r}: cannot import {attribute!r} from {module_name!r}: {error}")
+        model = builder(input_shape=input_shape, num_classes=num_classes)
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"arch={arch!r} returned {type(model).__name__}, not a keras.Model")
+        return model
+    if arch[:1].isupper() and callable(getattr(keras.applications, arch, None)):
+        return getattr(keras.applications, arch)(
+            weights=None, input_shape=input_shape, classes=num_classes, classifier_activation=None
+        )
+    raise ValueError(
+        f"arch={arch!r} is not known; choose one of {sorted(BUILDERS)}, a keras.applications "
+        "model name (e.g. 'MobileNetV2') or 'module:callable' (called with input_shape, num_classes)"
+    )
 
 
 # Keras weight name -> torch parameter/buffer name suffix.

@@ -188,7 +188,11 @@ def _field_errors(config):
             + (" (or None)" if optional else ""),
         )
 
-    check_choice("arch", ARCHS)
+    check(
+        config.arch in ARCHS or ":" in config.arch or config.arch[:1].isupper(),
+        f"arch={config.arch!r} is not one of {list(ARCHS)}, a keras.applications model name "
+        "(e.g. 'MobileNetV2') or 'module:callable'",
+    )
     check_choice("lr_schedule", LR_SCHEDULES)
     check_choice("consistency", CONSISTENCIES)
     check_choice("views", VIEWS)

@@ -55,6 +55,7 @@ from cgc_tf import custom_loop
 from cgc_tf import data
 from cgc_tf import distribute
 from cgc_tf import evaluation as evaluation_lib
+from cgc_tf import explainers
 from cgc_tf import optimizers
 from cgc_tf import run_lock
 from cgc_tf.schedules import LinearWarmup
@@ -211,7 +212,7 @@ def build_backbone(config, num_classes, say=print):
                 f"classifier head for another num_classes than {num_classes}) and start from "
                 f"random initialisation: {unchanged}"
             )
-    target_layer = config.target_layer or recommended
+    target_layer = config.target_layer or recommended or explainers.auto_target_layer(backbone)
     check_target_layer(backbone, target_layer)
     return backbone, target_layer
 

@@ -27,6 +27,25 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
         logits = model(np.zeros((1, size, size, 3), np.float32))
         self.assertEqual(logits.shape, (1, 5))
 
+    def test_keras_applications_and_module_callable_archs(self):
+        model, target_layer = backbones.build("MobileNetV3Small", (32, 32, 3), num_classes=3)
+        self.assertIsNone(target_layer)  # the caller picks it (explainers.auto_target_layer)
+        self.assertEqual(model.output.shape[-1], 3)
+        # Logits: the classifier activation is off.
+        self.assertIs(gradcam.logits_output(model), model.outputs[0])
+        model, target_layer = backbones.build(
+            "cgc_tf.backbones:small_resnet", (32, 32, 3), num_classes=4
+        )
+        self.assertIsNone(target_layer)
+        self.assertEqual(model.name, "small_resnet")
+        for arch, pattern in (
+            ("NoSuchNet", "arch='NoSuchNet' is not known"),
+            ("cgc_tf.backbones:nothing", "cannot import 'nothing'"),
+            ("builtins:dict", "arch='builtins:dict' returned dict, not a keras.Model"),
+        ):
+            with self.assertRaisesRegex(ValueError, pattern):
+                backbones.build(arch, (32, 32, 3), num_classes=3)
+
     def test_parameter_counts(self):
         model, _ = backbones.build("resnet18", (224, 224, 3), num_classes=1000)
         # torchvision's ResNet-18 has 11,689,512 parameters; Keras counts BN

@@ -41,7 +41,7 @@ ALLOWED = {
     "training": {
         "model", "data", "backbones", "metrics", "distribute", "config",
         "callbacks", "custom_loop", "evaluation", "visualize", "gradcam", "augment",
-        "run_lock", "schedules", "optimizers",
+        "run_lock", "schedules", "optimizers", "explainers",
     },
     "serving": {"gradcam", "model", "config", "data"},
     "export": {"model", "gradcam", "config", "serving"},

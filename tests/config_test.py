@@ -43,6 +43,10 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(sorted(config_lib.ARCHS), sorted(backbones.BUILDERS))
         self.assertEqual(sorted(config_lib.MIN_IMAGE_SIZE), sorted(backbones.BUILDERS))
 
+    def test_arch_accepts_keras_applications_and_module_callable(self):
+        for arch in ("MobileNetV2", "my_package.models:build"):
+            self.assertEqual(self.config(arch=arch).validate().arch, arch)
+
     @parameterized.named_parameters(
         ("temperature_zero", {"temperature": 0.0}, "temperature=0.0 must be > 0"),
         ("temperature_negative", {"temperature": -1.0}, "temperature=-1.0 must be > 0"),

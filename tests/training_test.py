@@ -316,6 +316,16 @@ class ModelChecksTest(tf.test.TestCase):
         with self.assertRaisesRegex(training.ConfigurationError, "matched no layer"):
             training.build_backbone(config.replace(init_weights=wrong), 10, say=messages.append)
 
+    def test_keras_applications_arch_gets_the_automatic_target_layer(self):
+        config = config_lib.TrainConfig(
+            arch="MobileNetV3Small", image_size=32, model_dir=self.get_temp_dir()
+        )
+        backbone, target_layer = training.build_backbone(config, 3)
+        self.assertEqual(backbone.output.shape[-1], 3)
+        # At 32x32 the last map (and the 1x1 logits convolution) is 1x1: not a target.
+        shape = backbone.get_layer(target_layer).output.shape
+        self.assertGreater(shape[1] * shape[2], 1)
+
     def test_refuses_to_resume_a_different_model(self):
         model_dir = self.get_temp_dir()
         previous = config_lib.TrainConfig(arch="resnet18", model_dir=model_dir)

@@ -48,7 +48,10 @@ _UNLABELED_SPLIT = flags.DEFINE_string(
     "unlabeled_split", _D.unlabeled_split, "Split of --unlabeled; unset: its train split.")
 _SKIP_CORRUPT_IMAGES = flags.DEFINE_bool(
     "skip_corrupt_images", _D.skip_corrupt_images, "Skip and count undecodable images.")
-_ARCH = flags.DEFINE_enum("arch", _D.arch, config_lib.ARCHS, "Backbone.")
+_ARCH = flags.DEFINE_string(
+    "arch", _D.arch, f"Backbone: one of {', '.join(config_lib.ARCHS)}; a keras.applications "
+    "model name (e.g. MobileNetV2, weights=None); or module:callable(input_shape, num_classes).",
+)
 _TARGET_LAYER = flags.DEFINE_string(
     "target_layer", _D.target_layer, "Grad-CAM layer (4-D output); unset: the arch's last block.")
 _INIT_WEIGHTS = flags.DEFINE_string(
