@@ -1,6 +1,6 @@
 """`CGCModel`: a keras.Model whose `train_step` adds Contrastive Grad-CAM Consistency.
 
-One training step follows ../shared/METHOD.md:
+One training step follows docs/method.md:
   views x_xe (classification augmentation), x_orig (deterministic) and
   x_aug = T(x_orig); Grad-CAM of x_orig and x_aug for c = argmax z(x_orig);
   upsample, sum-normalise, warp cam(x_orig) by T, flatten, L2-normalise;
@@ -24,6 +24,7 @@ classification view. When it did not, x_xe is made on the device by a random
 resized crop + flip of x_orig.
 """
 
+import typing
 import warnings
 
 import keras
@@ -38,6 +39,36 @@ from cgc_tf import losses
 IMAGE_KEY = "image"
 CLASSIFICATION_VIEW_KEY = "classification_view"
 VIEWS = (2, 3)
+
+
+class Batch(typing.NamedTuple):
+    """One batch, parsed once by `parse_batch`; absent parts are None.
+
+    images: float32 [B, H, W, 3] x_orig of the labelled images.
+    classification_view: float32 [B, H, W, 3] x_xe made by the input pipeline.
+    labels: int [B]; sample_weight: float [B].
+    unlabelled_images: float32 [B_u, H, W, 3] x_orig of the unlabelled images.
+    """
+
+    images: typing.Any
+    classification_view: typing.Any
+    labels: typing.Any
+    sample_weight: typing.Any
+    unlabelled_images: typing.Any
+
+
+class LossTerms(typing.NamedTuple):
+    """The loss terms of one step (float32 scalars) and the metrics' logits.
+
+    total: ce + lambda_ * cgc + regularisation (None until summed); ce: the
+    cross-entropy terms' sum; cgc: the consistency loss (None for the plain
+    baseline); logits: float32 [B, K] for the compiled metrics (None without labels).
+    """
+
+    total: typing.Any
+    ce: typing.Any
+    cgc: typing.Any
+    logits: typing.Any
 
 
 @keras.saving.register_keras_serializable(package="cgc_tf")
@@ -195,17 +226,6 @@ class CGCModel(keras.Model):
                 )
 
     # ----------------------------------------------------------------- views
-    def _split_views(self, x):
-        """(x_orig, x_xe or None) from a tensor or a dict batch."""
-        if isinstance(x, dict):
-            return x[IMAGE_KEY], x.get(CLASSIFICATION_VIEW_KEY)
-        return x, None
-
-    def _classification_view(self, x_orig, x_xe):
-        if x_xe is not None:
-            return x_xe
-        return self.classification_augmentation(x_orig, training=True)
-
     def consistency_terms(self, x_orig, training):
         """Forward x_orig and x_aug = T(x_orig); Grad-CAM both; the consistency loss.
 
@@ -249,215 +269,158 @@ class CGCModel(keras.Model):
         }
 
     # ------------------------------------------------------------ train/test
-    def _unpack(self, data):
-        """(labelled x, y, sample_weight, unlabelled x) from any accepted batch."""
-        if (
-            isinstance(data, (tuple, list))
-            and len(data) == 2
-            and isinstance(data[0], (tuple, list))
-        ):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(data[0]))
-            return x, y, sample_weight, data[1]
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if y is None:
-            return None, None, None, x
-        return x, y, sample_weight, None
-
-    def _cross_entropy(self, y, logits, sample_weight):
-        per_example = keras.losses.sparse_categorical_crossentropy(
-            y, tf.cast(logits, tf.float32), from_logits=True
-        )
-        if sample_weight is None:
-            return tf.reduce_mean(per_example)
-        sample_weight = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
-        return tf.reduce_sum(per_example * sample_weight) / tf.maximum(
-            tf.reduce_sum(sample_weight), 1e-12
-        )
-
-    def _consistency_part(self, data, training):
-        """The x_orig and x_aug forward passes and every loss term that reads them.
-
-        Labelled batch: CE(x_orig) (+ CE(x_aug) in training) and the consistency loss;
-        unlabelled or semi-supervised batch: the consistency loss of the unlabelled images.
-
-        Returns:
-          (ce, cgc, logits): float32 scalars, and float32 [B, K] logits for the
-          metrics (None when the labels are elsewhere).
-        """
-        labelled_x, y, sample_weight, unlabelled_x = self._unpack(data)
-        if unlabelled_x is not None:
-            x_orig, _ = self._split_views(unlabelled_x)
-            return tf.constant(0.0), self.consistency_terms(x_orig, training)["loss"], None
-        x_orig, _ = self._split_views(labelled_x)
-        terms = self.consistency_terms(x_orig, training)
-        ce = self._cross_entropy(y, terms["logits_orig"], sample_weight)
-        logits = terms["logits_orig"]
-        if training:
-            # Accuracy on the augmented view, as the reference code reports.
-            logits = terms["logits_aug"]
-            ce += self._cross_entropy(y, logits, sample_weight)
-        return ce, terms["loss"], logits
-
-    def _has_classification_part(self, data, training):
-        """True when `_classification_part` has a term for this batch structure."""
-        labelled_x, _, _, unlabelled_x = self._unpack(data)
-        if labelled_x is None:
-            return False
-        return unlabelled_x is not None or (training and self.views == 3)
-
-    def _classification_part(self, data, training):
-        """The cross-entropy terms whose forward pass the consistency loss does not read.
-
-        CE(x_xe) of a labelled batch in training with views=3; CE of the labelled half
-        of a semi-supervised batch. They share only the weights with
-        `_consistency_part`, so train_step can differentiate them in a tape of their own.
-
-        Returns:
-          (ce, logits): float32 scalar, and float32 [B, K] logits for the metrics
-          (None when `_consistency_part` gives them); None if the batch has no such term.
-        """
-        if not self._has_classification_part(data, training):
-            return None
-        labelled_x, y, sample_weight, unlabelled_x = self._unpack(data)
-        x_orig, x_xe = self._split_views(labelled_x)
-        if unlabelled_x is None:
-            logits_xe = self.backbone(self._classification_view(x_orig, x_xe), training=True)
-            return self._cross_entropy(y, logits_xe, sample_weight), None
-        # The labelled half has no consistency forward passes.
-        logits = self.backbone(self._labelled_view(labelled_x, training), training=training)
-        return self._cross_entropy(y, logits, sample_weight), logits
-
-    def _labelled_view(self, labelled_x, training):
-        """The one view a labelled batch trains on without consistency forward passes.
-
-        The labelled half of a semi-supervised batch and the plain baseline: the
-        classification view x_xe with views=3, and with views=2 (whose CE views are
-        x_orig and T(x_orig), not x_xe) a T(x_orig) of its own. Evaluation reads x_orig.
-        """
-        x_orig, x_xe = self._split_views(labelled_x)
-        if not training:
-            return x_orig
-        if self.views == 3:
-            return self._classification_view(x_orig, x_xe)
-        return self.augmentation(x_orig, training=True)
-
-    def _total_loss(self, ce, cgc, training):
-        """ce + lambda_ * cgc (when the consistency trains) + the regularisation losses."""
-        total = ce
-        if self.trains_consistency:
-            total = total + self.lambda_ * cgc
-        if training and self.losses:
-            total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
-        return total
-
-    def _loss_terms(self, data, training):
-        """Forward passes and loss terms of one batch: (total, ce, cgc, y, logits)."""
-        _, y, _, _ = self._unpack(data)
-        ce, cgc, logits = self._consistency_part(data, training)
-        classification = self._classification_part(data, training)
-        if classification is not None:
-            ce, logits = _merge_classification_part(ce, logits, classification)
-        return self._total_loss(ce, cgc, training), ce, cgc, y, logits
-
-    def _update_metrics(self, total, ce, cgc, y, logits, sample_weight=None):
-        for metric in self.metrics:
-            if metric is self.ce_loss_tracker:
-                metric.update_state(ce)
-            elif metric is self.cgc_loss_tracker:
-                metric.update_state(cgc)
-            elif metric.name == "loss":
-                metric.update_state(total)
-            elif y is not None:
-                metric.update_state(y, logits, sample_weight=sample_weight)
-        return self.get_metrics_result()
-
     def train_step(self, data):
         """One optimizer step on a batch (replica code under tf.distribute)."""
-        if self.is_plain:
-            # The plain baseline: one view, one cross-entropy, one forward pass,
-            # as an ordinary Keras classifier steps.
-            x, y, sample_weight = self._plain_batch(data)
-            with tf.GradientTape() as tape:
-                logits = self.backbone(self._labelled_view(x, training=True), training=True)
-                ce = self._cross_entropy(y, logits, sample_weight)
-                total = self._total_loss(ce, None, training=True)
-                scaled = self.optimizer.scale_loss(distribute.scale_loss_for_replicas(total))
-            gradients = tape.gradient(scaled, self.trainable_variables)
-            cgc = None
-        else:
-            gradients, (total, ce, cgc, y, logits) = self._gradients_and_terms(data)
+        batch = self._parse(data)
+        # Forward and backward, the consistency part and the classification part
+        # each in a tape of its own.
+        terms, gradients = self._loss_and_gradients(batch)
+        # The update; the trackers get the unscaled loss terms.
         self.optimizer.apply(gradients, self.trainable_variables)
-        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+        return self._update_metrics(terms, batch)
 
-    def _plain_batch(self, data):
-        """(x, y, sample_weight) of a labelled batch; the plain baseline has no other kind."""
-        x, y, sample_weight, unlabelled_x = self._unpack(data)
-        if unlabelled_x is not None:
+    def test_step(self, data):
+        """Evaluation: the training step's loss terms on the given view, no update.
+
+        CE of x_orig (of the labelled images), the consistency loss under a random
+        T; the plain baseline: CE of x_orig only (one forward pass).
+        """
+        batch = self._parse(data)
+        return self._update_metrics(self._forward(batch, training=False), batch)
+
+    def _forward(self, batch, training):
+        """All the step's forward passes and loss terms (`LossTerms`) in one go.
+
+        test_step's loss; the one-tape equivalent of `_loss_and_gradients`.
+        """
+        terms = self._first_part(batch, training)
+        if self._has_classification_part(batch, training):
+            terms = _merge(terms, self._classification_part(batch, training))
+        return terms._replace(total=self._total_loss(terms, training))
+
+    def _loss_and_gradients(self, batch):
+        """`_forward(batch, training=True)` and its gradients, one tape per part.
+
+        The sum of the two tapes' gradients equals one tape over the whole loss. The
+        classification part shares only the weights with the first part and its
+        forward pass starts after the first part's gradients are computed, so the
+        first part's activations are freed by then: the step's peak memory holds the
+        activations of the x_orig and x_aug passes, not of all three views. Forward
+        passes (BatchNorm updates, random draws) run in `_forward`'s order.
+
+        Returns:
+          (`LossTerms`, gradients: one per trainable variable (None if it does not
+          reach the loss), scaled as `optimizer.scale_loss` and
+          `distribute.scale_loss_for_replicas` scale the loss).
+        """
+        variables = self.trainable_variables
+        # 1. Consistency part (the plain baseline: its one forward pass), with the
+        #    regularisation losses.
+        with tf.GradientTape() as tape:
+            terms = self._first_part(batch, training=True)
+            terms = terms._replace(total=self._total_loss(terms, training=True))
+            scaled = self.optimizer.scale_loss(distribute.scale_loss_for_replicas(terms.total))
+        gradients = tape.gradient(scaled, variables)
+        if not self._has_classification_part(batch, training=True):
+            return terms, gradients
+        # 2. Classification part in a tape of its own, after part 1's gradients.
+        batch = _after(gradients, batch)
+        with tf.GradientTape() as tape:
+            classification = self._classification_part(batch, training=True)
+            scaled = self.optimizer.scale_loss(
+                distribute.scale_loss_for_replicas(classification.ce)
+            )
+        gradients = [
+            _add_gradients(first, second)
+            for first, second in zip(gradients, tape.gradient(scaled, variables))
+        ]
+        terms = _merge(terms, classification)
+        return terms._replace(total=self._total_loss(terms, training=True)), gradients
+
+    def _parse(self, data):
+        """The `Batch` of any batch structure `fit` accepts; checks it suits the model."""
+        batch = parse_batch(data)
+        if self.is_plain and batch.unlabelled_images is not None:
             raise ValueError(
                 "consistency='none' (the plain baseline) trains on labelled (x, y) batches "
                 "only, got an unlabelled or semi-supervised ((x_l, y_l), x_u) batch; its "
                 "unlabelled images would contribute nothing. Use consistency='contrastive' "
                 "or 'mse' to train on unlabelled images"
             )
-        return x, y, sample_weight
+        return batch
 
-    def _gradients_and_terms(self, data):
-        """Gradients of the (scaled) training loss and the loss terms of one batch.
-
-        The loss is differentiated in two tapes whose gradients are summed, which
-        equals one tape over the whole loss: `_consistency_part` first, then
-        `_classification_part` (x_xe, or the labelled half of a semi-supervised
-        batch), which shares only the weights with it. The second part's forward
-        pass starts after the first part's gradients are computed, so the first
-        part's activations are freed by then: the step's peak memory holds the
-        activations of the x_orig and x_aug passes, not of all three views.
-        The order of the forward passes (and so of BatchNorm's moving-statistics
-        updates and of the random draws) is the one `_loss_terms` uses.
-
-        Returns:
-          (gradients, one per trainable variable, scaled as `optimizer.scale_loss`
-          and `distribute.scale_loss_for_replicas` scale the loss;
-          (total, ce, cgc, y, logits) as `_loss_terms` returns them).
-        """
-        variables = self.trainable_variables
-        y = self._unpack(data)[1]
-        with tf.GradientTape() as tape:
-            ce, cgc, logits = self._consistency_part(data, training=True)
-            total = self._total_loss(ce, cgc, training=True)
-            scaled = distribute.scale_loss_for_replicas(total)
-            scaled = self.optimizer.scale_loss(scaled)
-        gradients = tape.gradient(scaled, variables)
-        if self._has_classification_part(data, training=True):
-            data = _after(gradients, data)
-            with tf.GradientTape() as tape:
-                classification = self._classification_part(data, training=True)
-                scaled = distribute.scale_loss_for_replicas(classification[0])
-                scaled = self.optimizer.scale_loss(scaled)
-            gradients = [
-                _add_gradients(first, second)
-                for first, second in zip(gradients, tape.gradient(scaled, variables))
-            ]
-            ce, logits = _merge_classification_part(ce, logits, classification)
-            # The reported total, summed in the order of `_loss_terms`.
-            total = self._total_loss(ce, cgc, training=True)
-        return gradients, (total, ce, cgc, y, logits)
-
-    def test_step(self, data):
-        """Evaluation: CE on the given view, consistency under a random T, metrics.
-
-        The plain baseline: CE on the given view only (one forward pass).
-        """
+    def _first_part(self, batch, training):
+        """The consistency part; for the plain baseline its one classification forward."""
         if self.is_plain:
-            x, y, sample_weight = self._plain_batch(data)
-            logits = self.backbone(self._labelled_view(x, training=False), training=False)
-            ce = self._cross_entropy(y, logits, sample_weight)
-            total = self._total_loss(ce, None, training=False)
-            return self._update_metrics(total, ce, None, y, logits, sample_weight)
-        total, ce, cgc, y, logits = self._loss_terms(data, training=False)
-        return self._update_metrics(total, ce, cgc, y, logits, self._sample_weight(data))
+            return self._classification_part(batch, training)
+        return self._consistency_part(batch, training)
 
-    def _sample_weight(self, data):
-        return self._unpack(data)[2]
+    def _consistency_part(self, batch, training):
+        """The x_orig and x_aug forward passes and every loss term that reads them.
+
+        Labelled batch: CE(x_orig) (+ CE(x_aug) in training) and the consistency
+        loss; unlabelled or semi-supervised batch: the consistency loss of the
+        unlabelled images (CE 0, no logits: their labels are elsewhere).
+        """
+        if batch.unlabelled_images is not None:
+            terms = self.consistency_terms(batch.unlabelled_images, training)
+            return LossTerms(None, tf.constant(0.0), terms["loss"], None)
+        terms = self.consistency_terms(batch.images, training)
+        ce = _cross_entropy(batch.labels, terms["logits_orig"], batch.sample_weight)
+        logits = terms["logits_orig"]
+        if training:
+            # Accuracy on the augmented view, as the reference code reports.
+            logits = terms["logits_aug"]
+            ce += _cross_entropy(batch.labels, logits, batch.sample_weight)
+        return LossTerms(None, ce, terms["loss"], logits)
+
+    def _has_classification_part(self, batch, training):
+        """True when a CGC step has a labelled view outside the consistency part.
+
+        x_xe in training with views=3, or the labelled half of a semi-supervised batch.
+        """
+        if self.is_plain or batch.labels is None:
+            return False
+        return batch.unlabelled_images is not None or (training and self.views == 3)
+
+    def _classification_part(self, batch, training):
+        """CE of the one view a labelled batch trains on outside the consistency part.
+
+        x_xe with views=3; with views=2 (whose CE views are x_orig and T(x_orig), not
+        x_xe) a T(x_orig) of its own; x_orig in evaluation. No consistency loss.
+        """
+        images = batch.images
+        if training and self.views == 3:
+            images = batch.classification_view
+            if images is None:
+                images = self.classification_augmentation(batch.images, training=True)
+        elif training:
+            images = self.augmentation(batch.images, training=True)
+        logits = self.backbone(images, training=training)
+        ce = _cross_entropy(batch.labels, logits, batch.sample_weight)
+        return LossTerms(None, ce, None, logits)
+
+    def _total_loss(self, terms, training):
+        """ce + lambda_ * cgc (when the consistency trains) + the regularisation losses."""
+        total = terms.ce
+        if self.trains_consistency:
+            total = total + self.lambda_ * terms.cgc
+        if training and self.losses:
+            total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
+        return total
+
+    def _update_metrics(self, terms, batch):
+        """Trackers get the unscaled loss terms; compiled metrics the labelled logits."""
+        for metric in self.metrics:
+            if metric is self.ce_loss_tracker:
+                metric.update_state(terms.ce)
+            elif metric is self.cgc_loss_tracker:
+                metric.update_state(terms.cgc)
+            elif metric.name == "loss":
+                metric.update_state(terms.total)
+            elif batch.labels is not None:
+                metric.update_state(batch.labels, terms.logits, sample_weight=batch.sample_weight)
+        return self.get_metrics_result()
 
     # --------------------------------------------------------------- explain
     def explain(self, images, class_index=None, method="gradient_x_activation"):
@@ -526,12 +489,47 @@ class CGCModel(keras.Model):
         return cls(**config)
 
 
-def _merge_classification_part(ce, logits, classification):
-    """(ce + the classification part's CE, the metrics' logits)."""
-    classification_ce, classification_logits = classification
-    if classification_logits is not None:
-        logits = classification_logits
-    return ce + classification_ce, logits
+def parse_batch(data):
+    """`Batch` of any structure `CGCModel.fit` accepts (see the module docstring)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)):
+        labelled, unlabelled = keras.utils.unpack_x_y_sample_weight(tuple(data[0])), data[1]
+    else:
+        labelled, unlabelled = keras.utils.unpack_x_y_sample_weight(data), None
+        if labelled[1] is None:
+            labelled, unlabelled = (None, None, None), labelled[0]
+    x, labels, sample_weight = labelled
+    images, classification_view = _split_views(x)
+    return Batch(images, classification_view, labels, sample_weight, _split_views(unlabelled)[0])
+
+
+def _split_views(x):
+    """(x_orig, x_xe or None) of an image tensor, a dict batch or None."""
+    if isinstance(x, dict):
+        return x[IMAGE_KEY], x.get(CLASSIFICATION_VIEW_KEY)
+    return x, None
+
+
+def _cross_entropy(labels, logits, sample_weight):
+    """Mean sparse CE from logits (float32), weighted by sample_weight [B] if given."""
+    per_example = keras.losses.sparse_categorical_crossentropy(
+        labels, tf.cast(logits, tf.float32), from_logits=True
+    )
+    if sample_weight is None:
+        return tf.reduce_mean(per_example)
+    sample_weight = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+    return tf.reduce_sum(per_example * sample_weight) / tf.maximum(
+        tf.reduce_sum(sample_weight), 1e-12
+    )
+
+
+def _merge(first, classification):
+    """The first part's terms plus the classification part's CE.
+
+    The metrics read the first part's logits when it has some (the augmented view of
+    a labelled batch), else the classification part's (semi-supervised batches).
+    """
+    logits = first.logits if first.logits is not None else classification.logits
+    return first._replace(ce=first.ce + classification.ce, logits=logits)
 
 
 def _after(dependencies, structure):

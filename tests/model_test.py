@@ -112,8 +112,9 @@ class CGCModelTest(testing_base.TestCase):
                 return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
                     labels, model.backbone(x), from_logits=True)))
 
-            trained, _ = model._classification_part(batch, training=True)
-            evaluated, _ = model._classification_part(batch, training=False)
+            parsed = model._parse(batch)
+            trained = model._classification_part(parsed, training=True).ce
+            evaluated = model._classification_part(parsed, training=False).ce
             self.assertAllClose(float(trained), ce(trained_on), atol=1e-5, msg=f"views={views}")
             self.assertAllClose(float(evaluated), ce(images), atol=1e-5, msg=f"views={views}")
             self.assertNotAllClose(ce(trained_on), ce(images))
@@ -271,6 +272,111 @@ class CGCModelTest(testing_base.TestCase):
             cgc_tf.CGCModel(backbone).compile(optimizer="sgd", loss="mse")
 
 
+# ------------------------------------------------ the objective written out by hand
+
+
+def _objective_by_hand(backbone, kind, views, images, lambda_, temperature, training):
+    """(total, ce, cgc) of one CGC step, T = a horizontal flip of the whole image.
+
+    The closed form of Grad-CAM for tiny_convnet's pooling + dense head,
+    cam = ReLU(F . W[:, c]) / (h * w), replaces the inner gradient; InfoNCE as a
+    log-sum-exp over the positive and the other examples' anchors.
+    """
+    x_orig, x_xe, labels, x_unlabelled = images
+    extractor = keras.Model(
+        backbone.inputs, [backbone.get_layer("features").output, backbone.outputs[0]]
+    )
+    kernel = backbone.get_layer("logits").kernel
+
+    def cross_entropy(x):
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, backbone(x), from_logits=True))
+
+    def heatmap(features, class_index):
+        weights = tf.gather(kernel, class_index, axis=1)
+        cam = tf.nn.relu(tf.einsum("bhwk,kb->bhw", features, weights)) / 64.0  # 8x8 map
+        cam = tf.image.resize(cam[..., None], (16, 16), method="bilinear")[..., 0]
+        return cam / (tf.reduce_sum(cam, axis=[1, 2], keepdims=True) + 1e-8) + 1e-8
+
+    def info_nce(x):
+        features_orig, logits_orig = extractor(x)
+        features_aug, _ = extractor(x[:, :, ::-1])
+        class_index = tf.argmax(logits_orig, axis=-1)
+        flat = lambda cam: tf.math.l2_normalize(tf.reshape(cam, [4, -1]), axis=-1)
+        anchors = flat(heatmap(features_aug, class_index))
+        positives = flat(heatmap(features_orig, class_index)[:, :, ::-1])
+        positive = tf.reduce_sum(anchors * positives, axis=-1) / temperature
+        others = tf.where(
+            tf.eye(4, dtype=tf.bool), -1e9, tf.matmul(anchors, anchors, transpose_b=True)
+            / temperature
+        )
+        every = tf.concat([positive[:, None], others], axis=1)
+        return tf.reduce_mean(tf.reduce_logsumexp(every, axis=1) - positive)
+
+    if kind == "unlabelled":
+        ce, cgc = tf.constant(0.0), info_nce(x_unlabelled)
+    elif kind == "semi_supervised":
+        view = x_orig if not training else x_xe if views == 3 else x_orig[:, :, ::-1]
+        ce, cgc = cross_entropy(view), info_nce(x_unlabelled)
+    else:
+        ce, cgc = cross_entropy(x_orig), info_nce(x_orig)
+        if training:
+            ce += cross_entropy(x_orig[:, :, ::-1]) + (cross_entropy(x_xe) if views == 3 else 0.0)
+    return ce + lambda_ * cgc, ce, cgc
+
+
+class ObjectiveByHandTest(tf.test.TestCase, parameterized.TestCase):
+    """train_step and test_step against the CGC objective written out by hand."""
+
+    @parameterized.named_parameters(
+        ("labelled_views3", "labelled", 3),
+        ("labelled_views2", "labelled", 2),
+        ("unlabelled", "unlabelled", 3),
+        ("semi_supervised_views3", "semi_supervised", 3),
+        ("semi_supervised_views2", "semi_supervised", 2),
+    )
+    def test_step_and_evaluation_equal_the_objective(self, kind, views):
+        lambda_, temperature = 0.7, 0.3
+        flip = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        model = cgc_tf.CGCModel(
+            testing_models.tiny_convnet(16), target_layer="features", views=views,
+            lambda_=lambda_, temperature=temperature, augmentation=flip,
+        )
+        # SGD(1.0) without momentum: each weight moves by exactly minus its gradient.
+        model.compile(optimizer=keras.optimizers.SGD(1.0))
+        images = (_random_images(0), _random_images(1), np.array([0, 1, 2, 1]), _random_images(2))
+        labelled = ({"image": images[0], "classification_view": images[1]}, images[2])
+        data = {"labelled": labelled, "unlabelled": images[3],
+                "semi_supervised": (labelled, images[3])}[kind]
+        dataset = tf.data.Dataset.from_tensors(data)
+
+        variables = model.trainable_variables
+        before = [variable.numpy() for variable in variables]
+        with tf.GradientTape() as tape:
+            expected = _objective_by_hand(
+                model.backbone, kind, views, images, lambda_, temperature, training=True
+            )
+        gradients = tape.gradient(expected[0], variables)
+        logs = {key: values[0] for key, values in model.fit(dataset, verbose=0).history.items()}
+        for key, value in zip(("loss", "ce_loss", "cgc_loss"), expected):
+            self.assertAllClose(logs[key], value, atol=1e-5, msg=key)
+        for variable, value, gradient in zip(variables, before, gradients):
+            # No gradient: the logits bias of an unlabelled batch (Grad-CAM ignores it).
+            step = 0.0 if gradient is None else gradient
+            self.assertAllClose(variable, value - step, atol=1e-5, msg=variable.path)
+        self.assertGreater(max(float(np.abs(v - b).max()) for v, b in zip(variables, before)), 1e-4)
+
+        # Evaluation on the updated weights: CE of x_orig only, the same consistency.
+        expected = _objective_by_hand(
+            model.backbone, kind, views, images, lambda_, temperature, training=False
+        )
+        results = model.evaluate(dataset, verbose=0, return_dict=True)
+        for key, value in zip(("loss", "ce_loss", "cgc_loss"), expected):
+            self.assertAllClose(results[key], value, atol=1e-5, msg=key)
+
+
 # ------------------------------------------------ the plain baseline (consistency="none")
 
 
@@ -393,7 +499,7 @@ class PlainBaselineTest(tf.test.TestCase, parameterized.TestCase):
             model.train_step(_split_batch(kind))
 
 
-# ------------------------------------------------ the two-tape train step (issue #7)
+# ------------------------------------------------ the two-tape train step
 # train_step differentiates the classification part (CE of x_xe, or of the labelled
 # half of a semi-supervised batch) in its own tape, after the consistency part's
 # gradients, so that the two parts' activations are never alive together.
@@ -466,25 +572,27 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
     )
     def test_split_gradients_equal_one_tape(self, kind, views):
         model = _split_model(views)
-        data = _split_batch(kind)
+        batch = model._parse(_split_batch(kind))
         variables = model.trainable_variables
         seeds = _SeedStates(model)
         with tf.GradientTape() as tape:
-            expected_terms = model._loss_terms(data, training=True)
-        expected = tape.gradient(expected_terms[0], variables)
+            expected_terms = model._forward(batch, training=True)
+        expected = tape.gradient(expected_terms.total, variables)
 
         seeds.restore()
         # Traced, as fit runs it: the second tape's inputs wait on control dependencies.
-        gradients, terms = tf.function(model._gradients_and_terms)(data)
+        terms, gradients = tf.function(model._loss_and_gradients)(batch)
 
         split = kind != "unlabelled" and (views == 3 or kind == "semi_supervised")
-        self.assertEqual(model._has_classification_part(data, training=True), split)
-        for name, value, expected_value in zip(("total", "ce", "cgc"), terms, expected_terms):
-            self.assertAllClose(value, expected_value, atol=1e-6, msg=name)
-        if expected_terms[4] is None:
-            self.assertIsNone(terms[4])
+        self.assertEqual(model._has_classification_part(batch, training=True), split)
+        for name in ("total", "ce", "cgc"):
+            self.assertAllClose(
+                getattr(terms, name), getattr(expected_terms, name), atol=1e-6, msg=name
+            )
+        if expected_terms.logits is None:
+            self.assertIsNone(terms.logits)
         else:
-            self.assertAllClose(terms[4], expected_terms[4], atol=1e-6)
+            self.assertAllClose(terms.logits, expected_terms.logits, atol=1e-6)
         for variable, gradient, expected_gradient in zip(variables, gradients, expected):
             if expected_gradient is None:
                 # The logits bias of an unlabelled batch: it does not reach Grad-CAM.
@@ -503,15 +611,15 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
             keras.optimizers.SGD(0.1), initial_scale=2.0**6
         )
         model = _split_model(views=3, optimizer=optimizer)
-        data = _split_batch("labelled")
+        batch = model._parse(_split_batch("labelled"))
         variables = model.trainable_variables
         seeds = _SeedStates(model)
         with tf.GradientTape() as tape:
-            total = model._loss_terms(data, training=True)[0]
+            total = model._forward(batch, training=True).total
             scaled = model.optimizer.scale_loss(total)
         expected = tape.gradient(scaled, variables)
         seeds.restore()
-        gradients, _ = tf.function(model._gradients_and_terms)(data)
+        _, gradients = tf.function(model._loss_and_gradients)(batch)
         for variable, gradient, expected_gradient in zip(variables, gradients, expected):
             scale = np.abs(expected_gradient.numpy()).max()
             self.assertTrue(np.all(np.isfinite(gradient.numpy())), msg=variable.path)

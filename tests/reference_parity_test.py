@@ -136,7 +136,8 @@ def _ours(backbone, views, labels, reference_gradients):
     )
     results = {}
     results["ce"] = [
-        float(model._cross_entropy(labels, backbone(view, training=True), None))
+        float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, backbone(view, training=True), from_logits=True)))
         for view in (x_xe, x_orig, x_aug)
     ]
     terms = model.consistency_terms(x_orig, training=True)
@@ -151,8 +152,8 @@ def _ours(backbone, views, labels, reference_gradients):
     results["masks"] = {name: mask.numpy() for name, mask in masks.items()}
     results["class_index"] = class_index.numpy()
     data = ({"image": x_orig, "classification_view": x_xe}, labels)
-    gradients, (total, _, _, _, _) = model._gradients_and_terms(data)
-    results["total"] = float(total)
+    terms, gradients = model._loss_and_gradients(model._parse(data))
+    results["total"] = float(terms.total)
     variables = model.trainable_variables
     results["gradients"] = {
         backbones.torchvision_name(v.path): backbones.to_torch_layout(g.numpy())
