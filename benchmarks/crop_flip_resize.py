@@ -1,4 +1,4 @@
-"""Speed of `cgc_tf.augment.crop_flip_resize` against the dense formulation it replaced.
+"""Speed of `cgc_tf.resample.crop_flip_resize` against the dense formulation it replaced.
 
   python -m benchmarks.crop_flip_resize --batch_size=16 --image_size=224 --jit_compile=false,true
 
@@ -65,8 +65,9 @@ def _functions(batch_size, image_size, seed):
 
     from benchmarks import dense_resize
     from cgc_tf import augment
+    from cgc_tf import resample
 
-    implementations = {"gather": augment.crop_flip_resize, "dense": dense_resize.crop_flip_resize}
+    implementations = {"gather": resample.crop_flip_resize, "dense": dense_resize.crop_flip_resize}
     transform = augment.PairedAugmentation(seed=seed).sample(batch_size, image_size, image_size)
     boxes, flips = transform["boxes"], transform["flips"]
     size = (image_size, image_size)

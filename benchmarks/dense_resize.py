@@ -1,4 +1,4 @@
-"""The dense formulation of `cgc_tf.augment.crop_flip_resize`, which the gathers replaced.
+"""The dense formulation of `cgc_tf.resample.crop_flip_resize`, which the gathers replaced.
 
 Kept as the baseline of benchmarks/crop_flip_resize.py (e.g. for an accelerator
 where dense contractions beat gathers) and as an oracle of the gathers in

@@ -35,6 +35,7 @@ from cgc_tf import backbones
 from cgc_tf import gradcam as gradcam_lib
 from cgc_tf import losses
 from cgc_tf import optimizers
+from cgc_tf import resample
 from cgc_tf.model import CGCModel
 
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference-cgc"
@@ -277,7 +278,7 @@ class ReferenceParityTest(tf.test.TestCase):
         state_dict = backbones.torchvision_state_dict(backbone)
         x_orig = rng.uniform(0.0, 1.0, (4, SIZE, SIZE, 3)).astype(np.float32)
         x_xe = rng.uniform(0.0, 1.0, (4, SIZE, SIZE, 3)).astype(np.float32)
-        x_aug = augment.resized_crop(x_orig, CROPS, FLIPS, (SIZE, SIZE)).numpy()
+        x_aug = resample.resized_crop(x_orig, CROPS, FLIPS, (SIZE, SIZE)).numpy()
         labels = rng.integers(0, NUM_CLASSES, 4).astype(np.int32)
         views = (x_xe, x_orig, x_aug)
         # The reference calls .cuda() on its tensors; here they stay on the CPU.

@@ -10,7 +10,7 @@
 The CGC transform T (`x_aug = T(x_orig)`) is not here: the model samples it so it
 can warp the heatmaps with the same parameters.
 
-These use `tf.image` ops rather than `cgc_tf.augment.crop_flip_resize`: that op
+These use `tf.image` ops rather than `cgc_tf.resample.crop_flip_resize`: that op
 works on batches of equally sized images without anti-aliasing (it is built for
 XLA inside the model), while decoded images here have individual sizes, may be
 much larger than S (anti-aliased downscaling matters) and tf.data runs on the host
