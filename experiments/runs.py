@@ -147,7 +147,7 @@ def summarize(runs, columns=COLUMNS):
 
 
 def markdown_table(summary, regimes, methods, columns=COLUMNS):
-    """The README table: one row per regime and method, mean +- std over seeds.
+    """The results table (docs/results.md): one row per regime and method, mean +- std over seeds.
 
     `columns` as in `summarize`: a scale of 100 prints a percentage with one decimal.
     """
