@@ -1,25 +1,10 @@
 """Keras callbacks of `cgc_tf.training`: failure handling, resumable logs, heatmaps.
 
-* `StopOnNonFiniteLoss`: stops at the first non-finite loss term by raising
-  `NonFiniteLossError` from `on_train_batch_end`, so no `on_epoch_end` runs and
-  no checkpoint or log row is written for the broken epoch (Keras's own
-  `TerminateOnNaN` sets `stop_training`, after which `fit` still calls
-  `on_epoch_end` and `BackupAndRestore` would save the NaN weights).
-* `PreemptibleBackupAndRestore`: `keras.callbacks.BackupAndRestore` whose
-  checkpoints survive a kill at any instant, that also saves on SIGTERM and then
-  raises `TrainingPreempted`.
-* `AtomicModelCheckpoint`: the full model after every epoch, replaced atomically.
-* `atomic_write_path`: write a file beside its destination, then rename it into place.
-* `ResumableCSVLogger`: `keras.callbacks.CSVLogger` that keeps the columns of an
-  existing log when appending after a resume.
-* `LearningRateLogger`: adds the optimizer's current learning rate to the logs.
-* `EpochSummaries`: every epoch's logs as TensorBoard scalars.
-* `HeatmapSummary`: Grad-CAM overlays of fixed images as TensorBoard images.
-
-The summaries are written with the core op `tf.summary.write` and the
-TensorBoard plugin metadata, because `tf.summary.scalar`/`image` (and so
-`keras.callbacks.TensorBoard`) need the `tensorboard` package, which cgc-tf
-does not depend on. The event files are the ones TensorBoard reads.
+What: `StopOnNonFiniteLoss`, `PreemptibleBackupAndRestore`, `AtomicModelCheckpoint`,
+`atomic_write_path`, `ResumableCSVLogger`, `LearningRateLogger`, `EpochSummaries`,
+`HeatmapSummary`. Why: Keras's own callbacks save NaN weights after `TerminateOnNaN`,
+leave torn checkpoints when killed and need the `tensorboard` package for summaries;
+docs/robustness.md describes what each of these does instead.
 """
 
 import contextlib

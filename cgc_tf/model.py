@@ -1,27 +1,14 @@
 """`CGCModel`: a keras.Model whose `train_step` adds Contrastive Grad-CAM Consistency.
 
-One training step follows docs/method.md:
-  views x_xe (classification augmentation), x_orig (deterministic) and
-  x_aug = T(x_orig); Grad-CAM of x_orig and x_aug for c = argmax z(x_orig);
-  upsample, sum-normalise, warp cam(x_orig) by T, flatten, L2-normalise;
-  loss = CE(x_xe) + CE(x_orig) + CE(x_aug) + lambda_ * L_consistency.
-`consistency` picks L_consistency: "contrastive" (CGC, InfoNCE) or "mse" (the GC
-baseline). `consistency="none"` is the plain baseline of the reference's
-`baseline_train_eval.py` instead: one view, one cross-entropy, one forward pass,
-no Grad-CAM (its view: x_xe with views=3, T(x_orig) with views=2).
-`lambda_=0` with "contrastive" or "mse" is the lambda=0 ablation: the multi-view
-step, its consistency loss reported without gradient.
-
-Batches accepted by `fit`:
-  * `(x, y)` or `(x, y, sample_weight)`: labelled; CE + consistency.
-  * `x` alone: unlabelled; consistency only (its target is its own prediction).
-  * `((x_l, y_l), x_u)`: semi-supervised; CE on the labelled batch (its
-    classification view x_xe with views=3, a T(x_l) with views=2) + lambda_ *
-    consistency on the unlabelled batch.
-`x` is float32 [B, H, W, 3] in [0, 1] (the deterministic view x_orig), or a dict
-{"image": x_orig, "classification_view": x_xe} when the input pipeline made the
-classification view. When it did not, x_xe is made on the device by a random
-resized crop + flip of x_orig.
+One step (docs/method.md): views x_xe, x_orig and x_aug = T(x_orig); Grad-CAM of x_orig
+and x_aug for the class predicted on x_orig; loss = CE(x_xe) + CE(x_orig) + CE(x_aug) +
+lambda_ * L_consistency ("contrastive": CGC's InfoNCE; "mse": the GC baseline).
+`consistency="none"` is the plain baseline (one view, one CE, one forward pass);
+`lambda_=0` the ablation (consistency reported without gradient). Batches
+(`parse_batch`): `(x, y[, sample_weight])` labelled, `x` unlabelled (consistency
+only), `((x_l, y_l), x_u)` semi-supervised. `x` is float32 [B, H, W, 3] in [0, 1]
+(x_orig) or {"image": x_orig, "classification_view": x_xe}; without x_xe the model
+makes it on the device. Details: docs/architecture.md.
 """
 
 import typing

@@ -1,30 +1,11 @@
 """The CGC paper's evaluation protocol, as its reference code computes it.
 
-Content Heatmap (TorchRay's `evaluate_*_gradcam_energy_inside_bbox.py`): the
-full image, its short side resized to `input_resize` (448), no crop; Grad-CAM
-for the ground-truth class at the feature resolution, normalised
-`cam / (sum + 1e-8) + 1e-8`, bilinearly resized to the image's native size,
-normalised to sum 1; CH = the mass inside the union of that class's boxes,
-averaged over images, in percent. The `+ 1e-8` makes an all-zero Grad-CAM a
-uniform map, so the reference never skips an image (its "zero Grad-CAM" branch
-cannot trigger): such an image scores the boxes' area fraction, here too.
-
-Insertion / deletion (RISE's `evaluate_auc_metrics.py`, `evaluation.py`): the
-full image resized to the model's square input (no crop); saliency = Grad-CAM of
-the ground-truth class, bilinearly upsampled; the curve follows the softmax
-probability of the class the model predicts for the unmodified image; pixels in
-order of decreasing saliency (`np.flip(np.argsort(...))`), `pixels_per_step` at
-a time (224 * 8 at 224x224: 28 steps, 29 points); insertion starts from the
-image blurred by RISE's 11x11, sigma 5 kernel, deletion ends at RISE's zeros;
-AUC = (sum - first / 2 - last / 2) / steps. RISE works on ImageNet-normalised
-tensors, where zero is the ImageNet mean colour: the blur's zero padding and the
-deletion fill are that colour here, where images are in [0, 1].
-
-The consistency metric is reported for T drawn from the paper's crop areas
-(0.08-1) and, when given, from the training run's (`transform_min_area`-1),
-on the same square images. docs/evaluation.md compares this protocol with
-`cgc_tf.evaluation`'s ("cgc_tf") and lists what the reference does that looks
-accidental.
+Content Heatmap as TorchRay's `evaluate_*_gradcam_energy_inside_bbox.py` (full image,
+short side resized to `input_resize`, Grad-CAM mass inside the ground-truth boxes),
+insertion/deletion AUC as RISE's `evaluate_auc_metrics.py` (full image resized to the
+model's square input, RISE's blur and fill), and consistency at the paper's and at the
+training run's crop areas. Images are float32 [H, W, 3] in [0, 1]. Every step, and how
+it differs from `cgc_tf.evaluation`'s protocol: docs/evaluation.md.
 """
 
 import math

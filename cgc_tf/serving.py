@@ -1,40 +1,12 @@
 """Serving functions of an exported `CGCModel`: preprocessing, predictions, heatmaps.
 
-`ServingFunctions(model)` holds plain Python functions; `cgc_tf.export` wraps them
-in `tf.function`s with explicit input signatures for the SavedModel and converts
-the float one to ONNX. Every function returns a dict with stable names:
-
-  probabilities  float32 [B, K]   softmax of the logits.
-  class_id       int32 [B]        argmax (-1 for undecodable bytes).
-  heatmap        float32 [B, H, W] Grad-CAM of the explained class, ReLU'd
-                                   gradient x activation, bilinearly upsampled,
-                                   not normalised (as `CGCModel.explain`).
-  valid          bool [B]         bytes inputs only: False when the bytes could
-                                   not be decoded.
-
-Float inputs (`images`, float32 [B, H, W, 3] in [0, 1]):
-  * NaN pixels become 0, +-Inf and other out-of-range values are clipped to
-    [0, 1] (`tf.clip_by_value`), so non-finite inputs never crash or propagate.
-  * when H, W differ from the model size S, images are resized to S x S
-    (bilinear, no antialiasing, aspect ratio not kept); the heatmap is returned
-    at the input resolution H x W, aligned with the given pixels. Images already
-    at S x S are not changed (the resize is then an exact identity).
-  * rank, channel count, empty batches and empty images are checked in the graph
-    with messages that name the problem.
-Encoded inputs (`image_bytes`, string [B], JPEG/PNG; GIF/BMP/WebP also decode):
-  * each image is decoded and given the deterministic view exactly as the
-    evaluation pipeline does (`preprocess_encoded`, which calls `cgc_tf.data`):
-    RGB, short side resized to round(S * 256 / 224) (antialiased bilinear,
-    aspect kept), centre S x S crop; heatmaps are S x S over that crop.
-  * an element that fails to decode (random bytes, truncated files, empty
-    strings, unsupported formats) gives valid=False, class_id=-1 and zero
-    probabilities and heatmap; the other elements of the batch are unaffected.
-    TensorFlow's JPEG and PNG decoders reject every strict prefix of a file
-    (checked exhaustively on small images), so truncated JPEG/PNG files are
-    never partially used; GIF is more lenient (a GIF missing only its final
-    trailer byte decodes).
-  * the decoded size is not limited: put a request-size limit in front of a
-    public server (a small PNG can declare a large image).
+`ServingFunctions(model)` holds plain Python functions; `cgc_tf.export` wraps them in
+`tf.function`s with explicit input signatures (SavedModel) and converts the float one
+to ONNX. Outputs: probabilities float32 [B, K], class_id int32 [B] (-1 for undecodable
+bytes), heatmap float32 [B, H, W] (as `CGCModel.explain`), valid bool [B] (bytes
+inputs). Inputs: images float32 [B, H, W, 3] in [0, 1] (NaN -> 0, clipped, resized to
+the model size, heatmap at H x W) or image_bytes string [B] (decoded to the evaluation
+pipeline's deterministic view). The contract and bad inputs in full: docs/export.md.
 """
 
 import tensorflow as tf
