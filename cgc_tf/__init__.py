@@ -3,6 +3,7 @@
 Public API:
   CGCModel                  keras.Model whose train_step adds the CGC loss.
   PairedAugmentation        one random geometric T for images and heatmaps.
+  resample                  T's kernels: crop/flip/resize and projective warps (XLA).
   backbones                 offline ResNet builders with their target layers.
   explain                   Grad-CAM / Grad-CAM++ heatmaps of any Keras classifier.
   gradcam, losses           Grad-CAM by GradientTape; InfoNCE / MSE consistency.
@@ -35,6 +36,7 @@ from cgc_tf import explainers  # noqa: E402
 from cgc_tf import gradcam  # noqa: E402
 from cgc_tf import losses  # noqa: E402
 from cgc_tf import optimizers  # noqa: E402
+from cgc_tf import resample  # noqa: E402
 from cgc_tf import schedules  # noqa: E402
 from cgc_tf.augment import PairedAugmentation  # noqa: E402
 from cgc_tf.explainers import explain  # noqa: E402
@@ -53,6 +55,7 @@ __all__ = [
     "gradcam",
     "losses",
     "optimizers",
+    "resample",
     "schedules",
     "__version__",
 ]
