@@ -1,4 +1,4 @@
-"""Consistency losses between Grad-CAM heatmaps (METHOD.md steps 7-8, and the GC baseline).
+"""Consistency losses between Grad-CAM heatmaps (docs/method.md steps 7-8, and the GC baseline).
 
 Inputs are flattened heatmaps. Both losses are means over the local batch and do
 no distribution scaling: the model scales its total loss once.
@@ -21,7 +21,7 @@ def flatten_and_normalize(heatmaps):
 
 
 def info_nce(anchors, positives, temperature, negatives=None, self_offset=0):
-    """InfoNCE consistency loss (METHOD.md step 8).
+    """InfoNCE consistency loss (docs/method.md step 8).
 
     For example i, logits_i = [a_i.b_i, a_i.n_j for j != self_offset + i] /
     temperature, target index 0; the loss is the mean cross-entropy over i.

@@ -95,7 +95,7 @@ class CGCModel(keras.Model):
           consistency: "contrastive" (CGC), "mse" (GC baseline) or "none" (the
             plain baseline: one view, one cross-entropy, no Grad-CAM in the step;
             lambda_ and temperature are unused; labelled batches only).
-          views: 3 = METHOD.md (CE on x_xe, x_orig, x_aug); 2 = the faster variant
+          views: 3 = docs/method.md (CE on x_xe, x_orig, x_aug); 2 = the faster variant
             without x_xe (CE on x_orig and x_aug).
           augmentation: `cgc_tf.augment.PairedAugmentation` for T; None = the
             paper's random resized crop + horizontal flip.
