@@ -7,7 +7,7 @@ with the same transforms T and adds their paired differences. `save_grid` draws 
 evaluation grid of `cgc_tf.visualize.consistency_grid`.
 
 Heatmaps for Content Heatmap, pointing game and insertion/deletion are Grad-CAM of
-the ground-truth class (METHOD.md); consistency uses the predicted class of x for
+the ground-truth class (docs/method.md); consistency uses the predicted class of x for
 both x and T(x), as training does.
 
 This is the "cgc_tf" protocol (centre-cropped views at the model's input size);
