@@ -16,15 +16,16 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The thin absl binaries live in train/, export/ and evaluate/; they are
+    # The thin absl binaries live in train/, export/, evaluate/ and prepare/; they are
     # installed under cgc_tf_* names so no generic top-level package lands in
     # site-packages.
     packages=find_packages(include=["cgc_tf", "cgc_tf.*"])
-    + ["cgc_tf_train", "cgc_tf_export", "cgc_tf_evaluate"],
+    + ["cgc_tf_train", "cgc_tf_export", "cgc_tf_evaluate", "cgc_tf_prepare"],
     package_dir={
         "cgc_tf_train": "train",
         "cgc_tf_export": "export",
         "cgc_tf_evaluate": "evaluate",
+        "cgc_tf_prepare": "prepare",
     },
     package_data={
         "cgc_tf": ["data/cluttered_digits/*.md", "data/elpv/*.md"],
@@ -62,6 +63,7 @@ setup(
             "cgc-train=cgc_tf_train.main:run",
             "cgc-evaluate=cgc_tf_evaluate.main:run",
             "cgc-export=cgc_tf_export.main:run",
+            "cgc-prepare=cgc_tf_prepare.main:run",
         ]
     },
 )

@@ -23,7 +23,7 @@ def _console_scripts():
 @pytest.mark.skipif(not _console_scripts(), reason="cgc-tf is not pip-installed")
 def test_console_scripts_load():
     scripts = {ep.name: ep for ep in _console_scripts()}
-    assert set(scripts) == {"cgc-train", "cgc-evaluate", "cgc-export"}
+    assert set(scripts) == {"cgc-train", "cgc-evaluate", "cgc-export", "cgc-prepare"}
     for name, entry_point in scripts.items():
         # Found, not imported: the three binaries define some of the same absl
         # flags. A legacy `setup.py develop` install fails here: it does not map
@@ -43,6 +43,8 @@ _OWN_FLAGS = {
                    "--opset": "ONNX opset"},
     "cgc-evaluate": {"--model_dir": "cgc-train --model_dir", "--compare": "second model",
                      "--max_images": "at most"},
+    "cgc-prepare": {"--folder": "Image folder root", "--name": "Dataset name",
+                    "--shard_mib": "record file size"},
 }
 
 

@@ -14,10 +14,12 @@ Public API:
   semi_supervised_dataset       ((x_l, y_l), x_u) with the unlabelled stream repeated.
   CorruptImageCounter           distinct corrupt files skipped (skip_corrupt_images=True).
   InputStats                    images a (sharded) training pipeline decoded.
+  prepare_folder                an image folder written once as sharded tfds records
+                                (the `cgc-prepare` command), then read by name.
 
 Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
-file policy), `views` (METHOD.md views), `pipeline` (the builders). Importing
-this package registers the `cluttered_digits` and `elpv` tfds builders
+file policy), `prepare` (folders to record files), `views` (METHOD.md views),
+`pipeline` (the builders). Importing this package registers the `cluttered_digits` and `elpv` tfds builders
 (`cgc_tf.data.cluttered_digits`, `cgc_tf.data.elpv`).
 """
 
@@ -25,6 +27,7 @@ from cgc_tf.data import cluttered_digits
 from cgc_tf.data import decode
 from cgc_tf.data import elpv
 from cgc_tf.data import pipeline
+from cgc_tf.data import prepare
 from cgc_tf.data import sources
 from cgc_tf.data import views
 from cgc_tf.data.decode import CorruptImageCounter
@@ -34,6 +37,7 @@ from cgc_tf.data.pipeline import labelled_subset
 from cgc_tf.data.pipeline import semi_supervised_dataset
 from cgc_tf.data.pipeline import train_dataset
 from cgc_tf.data.pipeline import unlabeled_dataset
+from cgc_tf.data.prepare import prepare_folder
 from cgc_tf.data.sources import dataset_info
 from cgc_tf.data.sources import DatasetInfo
 
@@ -48,6 +52,8 @@ __all__ = [
     "eval_dataset",
     "labelled_subset",
     "pipeline",
+    "prepare",
+    "prepare_folder",
     "semi_supervised_dataset",
     "sources",
     "train_dataset",

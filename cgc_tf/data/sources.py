@@ -12,6 +12,8 @@
 - any tensorflow-datasets name, already prepared in `data_dir`. Nothing is ever
   downloaded: an unprepared dataset raises a `ValueError` saying where it was
   looked for and how to prepare it (including manual-download instructions).
+  This includes image folders written as record files by `cgc-prepare`
+  (`cgc_tf.data.prepare`), read by their name without their builder class.
 - `folder:/root` with `root/train/<class>/*` and `root/val/<class>/*`,
   `root/validation/<class>/*` or `root/test/<class>/*`. Class ids are the sorted
   class folder names of `train`; the other splits reuse them. Listing and the
@@ -125,7 +127,9 @@ def _prepared_builder(name, data_dir):
         raise ValueError(
             f"dataset={name!r} is not {config.EMBEDDED_DATASET!r}, "
             f"'{config.FOLDER_PREFIX}/path/to/root' or a tensorflow-datasets name "
-            f"({str(error).splitlines()[0]})"
+            f"({str(error).splitlines()[0]}; an image folder written by `cgc-prepare "
+            f"--name={name}` is read from the --data_dir it was written into, once "
+            "complete)"
         ) from None
     if not builder.is_prepared():
         root = data_dir if data_dir else tfds.core.constants.DATA_DIR
@@ -222,8 +226,12 @@ class TfdsSource:
         # Images stay encoded here: `cgc_tf.data.decode` decodes them robustly.
         skip = {self._image_key: tfds.decode.SkipDecoding()} if self._image_key in wanted else None
         decoders = tfds.decode.PartialDecoding(wanted, decoders=skip)
+        # Record files are read by a parallel interleave (AUTOTUNE), whose order is
+        # deterministic: tfds only relaxes it when shuffling without a seed.
         read_config = tfds.ReadConfig(
-            add_tfds_id=True, shuffle_seed=seed if shuffle_files else None
+            add_tfds_id=True,
+            shuffle_seed=seed if shuffle_files else None,
+            num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE,
         )
         return self._builder.as_dataset(
             split=split, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config

@@ -1,0 +1,1 @@
+"""The `cgc-prepare` binary (installed as package `cgc_tf_prepare`)."""
