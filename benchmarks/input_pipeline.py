@@ -3,10 +3,13 @@
   python -m benchmarks.input_pipeline --image_size=224 --batch_size=16 --arch=resnet18
 
 Writes `--num_images` JPEGs (`--jpeg_width` x `--jpeg_height`, smooth random
-content) into a temporary `root/train/<class>/` folder, builds
-`cgc_tf.data.train_dataset("folder:root", ...)` (decoding, the deterministic
+content) into a temporary `root/train/<class>/` folder and, for each of
+`--inputs`, builds `cgc_tf.data.train_dataset` (decoding, the deterministic
 view and the classification view, batching, prefetch) and iterates it for
-`--epochs` epochs. The decoded images of a small dataset are cached in memory
+`--epochs` epochs: `folder` reads `folder:root` (one file per image);
+`records` first writes the folder as sharded record files with
+`cgc_tf.data.prepare_folder` (`cgc-prepare`; `--shard_mib`, timed as
+`prepare_s`) and reads those by name (parallel interleave over the files). The decoded images of a small dataset are cached in memory
 after the first epoch (`cgc_tf.data.pipeline.CACHE_MAX_BYTES`), so epoch 1
 measures decoding + views and later epochs the views only; `--cache=off` lowers
 that limit to 0 (datasets too large to cache), so every epoch decodes.
@@ -34,6 +37,13 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 4, "Class folders (>= 1).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input side S in pixels (>= 8).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Batch size (>= 1).")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Passes over the folder (>= 1).")
+_INPUTS = flags.DEFINE_list(
+    "inputs", ["folder", "records"],
+    "Inputs to time, a subset of folder (image files) and records (cgc-prepare's files).",
+)
+_SHARD_MIB = flags.DEFINE_float(
+    "shard_mib", 4.0, "records input: largest record file in MiB (> 0), as cgc-prepare's."
+)
 _CACHE = flags.DEFINE_enum(
     "cache", "auto", ("auto", "off"), "auto: the pipeline's caching rule; off: never cache."
 )
@@ -63,6 +73,13 @@ def _check_flags():
             ("consumer_steps", _CONSUMER_STEPS.value, 1),
         )
     )
+    unknown = [name for name in _INPUTS.value if name not in INPUTS]
+    if unknown or not _INPUTS.value or len(set(_INPUTS.value)) != len(_INPUTS.value):
+        raise app.UsageError(
+            f"--inputs={','.join(_INPUTS.value)} must be distinct names from {list(INPUTS)}"
+        )
+    if _SHARD_MIB.value <= 0:
+        raise app.UsageError(f"--shard_mib={_SHARD_MIB.value} must be > 0")
 
 
 def write_jpegs(root, num_images, width, height, num_classes, seed):
@@ -92,7 +109,26 @@ def write_jpegs(root, num_images, width, height, num_classes, seed):
     return total
 
 
-def time_pipeline(root):
+INPUTS = ("folder", "records")
+# The records input's dataset name in its temporary data_dir.
+RECORDS_NAME = "input_pipeline_benchmark"
+
+
+def prepare_input(kind, root):
+    """The dataset to read for input `kind`: (dataset name, data_dir, prepare seconds)."""
+    import time
+
+    import cgc_tf.data
+
+    if kind == "folder":
+        return f"folder:{root}", None, 0.0
+    data_dir = os.path.join(root, "records")
+    start = time.perf_counter()
+    cgc_tf.data.prepare_folder(root, RECORDS_NAME, data_dir, shard_mib=_SHARD_MIB.value)
+    return RECORDS_NAME, data_dir, time.perf_counter() - start
+
+
+def time_pipeline(dataset_name, data_dir=None):
     """Builds the dataset and iterates it; returns (setup seconds, list of epoch dicts)."""
     import time
 
@@ -105,7 +141,7 @@ def time_pipeline(root):
         pipeline.CACHE_MAX_BYTES = 0
     start = time.perf_counter()
     dataset = cgc_tf.data.train_dataset(
-        f"folder:{root}", _BATCH_SIZE.value, _IMAGE_SIZE.value, seed=_SEED.value
+        dataset_name, _BATCH_SIZE.value, _IMAGE_SIZE.value, data_dir=data_dir, seed=_SEED.value
     )
     setup_s = time.perf_counter() - start
     epochs = []
@@ -143,10 +179,13 @@ def run(root):
         root, _NUM_IMAGES.value, _JPEG_WIDTH.value, _JPEG_HEIGHT.value, _NUM_CLASSES.value,
         _SEED.value,
     )
-    setup_s, epochs = time_pipeline(root)
+    timings = []
+    for kind in _INPUTS.value:
+        dataset_name, data_dir, prepare_s = prepare_input(kind, root)
+        timings.append((kind, prepare_s) + time_pipeline(dataset_name, data_dir))
     consumer = time_consumer()
     description["load_average_after"] = common.load_average()
-    base = {
+    common_fields = {
         "benchmark": "input_pipeline",
         "num_images": _NUM_IMAGES.value,
         "jpeg_size": [_JPEG_WIDTH.value, _JPEG_HEIGHT.value],
@@ -154,34 +193,37 @@ def run(root):
         "image_size": _IMAGE_SIZE.value,
         "batch_size": _BATCH_SIZE.value,
         "cache": _CACHE.value,
-        "setup_s": setup_s,
         "machine": description,
     }
     records = []
-    for epoch in epochs:
-        record = dict(base, kind="pipeline_epoch", **epoch)
-        records.append(record)
-    # The steady state: the last epoch (cached, if the pipeline caches).
-    summary = dict(base, kind="summary", pipeline_images_per_s=epochs[-1]["images_per_s"],
-                   first_epoch_images_per_s=epochs[0]["images_per_s"])
-    if consumer is not None:
-        summary.update(
-            consumer_variant=_CONSUMER_VARIANT.value,
-            arch=_ARCH.value,
-            consumer_median_s=consumer["median_s"],
-            consumer_images_per_s=_BATCH_SIZE.value / consumer["median_s"],
-        )
-        summary["pipeline_to_step_ratio"] = (
-            summary["pipeline_images_per_s"] / summary["consumer_images_per_s"]
-        )
-        summary["first_epoch_to_step_ratio"] = (
-            summary["first_epoch_images_per_s"] / summary["consumer_images_per_s"]
-        )
-    records.append(summary)
+    for kind, prepare_s, setup_s, epochs in timings:
+        base = dict(common_fields, input=kind, prepare_s=prepare_s, setup_s=setup_s)
+        if kind == "records":
+            base["shard_mib"] = _SHARD_MIB.value
+        for epoch in epochs:
+            records.append(dict(base, kind="pipeline_epoch", **epoch))
+        # The steady state: the last epoch (cached, if the pipeline caches).
+        summary = dict(base, kind="summary", pipeline_images_per_s=epochs[-1]["images_per_s"],
+                       first_epoch_images_per_s=epochs[0]["images_per_s"])
+        if consumer is not None:
+            summary.update(
+                consumer_variant=_CONSUMER_VARIANT.value,
+                arch=_ARCH.value,
+                consumer_median_s=consumer["median_s"],
+                consumer_images_per_s=_BATCH_SIZE.value / consumer["median_s"],
+            )
+            summary["pipeline_to_step_ratio"] = (
+                summary["pipeline_images_per_s"] / summary["consumer_images_per_s"]
+            )
+            summary["first_epoch_to_step_ratio"] = (
+                summary["first_epoch_images_per_s"] / summary["consumer_images_per_s"]
+            )
+        records.append(summary)
     return description, records
 
 
 COLUMNS = [
+    ("input", "input"),
     ("kind", "row"),
     ("epoch", "epoch"),
     ("images_per_s", "pipeline img/s"),
@@ -200,11 +242,15 @@ def main(argv):
     _check_flags()
     with tempfile.TemporaryDirectory(prefix="input_pipeline_") as root:
         description, records = run(root)
-    summary = records[-1]
+    summaries = [r for r in records if r["kind"] == "summary"]
+    setup = "; ".join(
+        f"{r['input']}: prepare {r['prepare_s']:.2f} s, dataset setup {r['setup_s']:.2f} s"
+        for r in summaries
+    )
     settings = (
         f"{_NUM_IMAGES.value} JPEGs {_JPEG_WIDTH.value}x{_JPEG_HEIGHT.value} "
-        f"({summary['jpeg_mib']:.1f} MiB) -> views {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, batch "
-        f"{_BATCH_SIZE.value}, cache={_CACHE.value}; dataset setup {summary['setup_s']:.2f} s; "
+        f"({summaries[0]['jpeg_mib']:.1f} MiB) -> views {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, "
+        f"batch {_BATCH_SIZE.value}, cache={_CACHE.value}; {setup}; "
         f"consumer: {_CONSUMER_VARIANT.value} step of {_ARCH.value}"
     )
     common.print_report([common.format_machine(description), settings], records, COLUMNS)

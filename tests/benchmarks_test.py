@@ -283,16 +283,34 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
             "--consumer_steps=1",
         )
         self.assertTrue(any("CGC step img/s" in line for line in table))
-        epochs = [r for r in records if r["kind"] == "pipeline_epoch"]
-        self.assertEqual([r["epoch"] for r in epochs], [1, 2])
-        # Incomplete batches are dropped: 2 batches of 4 out of 10 images.
-        self.assertEqual([r["images"] for r in epochs], [8, 8])
-        summary = records[-1]
-        self.assertEqual(summary["kind"], "summary")
-        self.assertAllClose(
-            summary["pipeline_to_step_ratio"],
-            summary["pipeline_images_per_s"] / summary["consumer_images_per_s"],
+        self.assertTrue(any("records: prepare" in line for line in table))
+        summaries = [r for r in records if r["kind"] == "summary"]
+        # One set of rows per input, folder first, against the same consumer step.
+        self.assertEqual([r["input"] for r in summaries], ["folder", "records"])
+        self.assertEqual(summaries[0]["consumer_median_s"], summaries[1]["consumer_median_s"])
+        self.assertEqual(summaries[0]["prepare_s"], 0.0)
+        self.assertGreater(summaries[1]["prepare_s"], 0.0)
+        for summary in summaries:
+            epochs = [r for r in records
+                      if r["kind"] == "pipeline_epoch" and r["input"] == summary["input"]]
+            self.assertEqual([r["epoch"] for r in epochs], [1, 2])
+            # Incomplete batches are dropped: 2 batches of 4 out of 10 images.
+            self.assertEqual([r["images"] for r in epochs], [8, 8])
+            self.assertEqual(summary["pipeline_images_per_s"], epochs[-1]["images_per_s"])
+            self.assertEqual(summary["first_epoch_images_per_s"], epochs[0]["images_per_s"])
+            self.assertAllClose(
+                summary["pipeline_to_step_ratio"],
+                summary["pipeline_images_per_s"] / summary["consumer_images_per_s"],
+            )
+
+    def test_input_pipeline_rejects_unknown_inputs(self):
+        completed = subprocess.run(
+            [sys.executable, "-m", "benchmarks.input_pipeline", "--inputs=folder,tape"],
+            capture_output=True, text=True, timeout=300, cwd=testing_processes.REPO,
+            env=testing_processes.subprocess_environment(),
         )
+        self.assertNotEqual(completed.returncode, 0)
+        self.assertIn("--inputs=folder,tape must be distinct names from", completed.stderr)
 
     def test_crop_flip_resize(self):
         table, records = _run_benchmark(
