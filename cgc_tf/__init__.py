@@ -7,6 +7,7 @@ Public API:
   backbones                 offline ResNet builders with their target layers.
   explain                   Grad-CAM / Grad-CAM++ heatmaps of any Keras classifier.
   gradcam, losses           Grad-CAM by GradientTape; InfoNCE / MSE consistency.
+  metrics                   explanation metrics on tensors (sanity, ROAD, sparseness, ...).
   CoupledSGD, optimizers    torch.optim.SGD's update (coupled L2 weight decay).
 """
 
@@ -35,6 +36,7 @@ from cgc_tf import distribute  # noqa: E402
 from cgc_tf import explainers  # noqa: E402
 from cgc_tf import gradcam  # noqa: E402
 from cgc_tf import losses  # noqa: E402
+from cgc_tf import metrics  # noqa: E402
 from cgc_tf import optimizers  # noqa: E402
 from cgc_tf import resample  # noqa: E402
 from cgc_tf import schedules  # noqa: E402
@@ -54,6 +56,7 @@ __all__ = [
     "explainers",
     "gradcam",
     "losses",
+    "metrics",
     "optimizers",
     "resample",
     "schedules",
