@@ -11,6 +11,7 @@ import tempfile
 from absl.testing import parameterized
 import numpy as np
 from PIL import Image
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -236,6 +237,7 @@ class PrepareFailuresTest(tf.test.TestCase):
 
 
 class PrepareBinaryTest(tf.test.TestCase):
+    @pytest.mark.slow  # two processes that import TensorFlow
     def test_binary_prepares_and_fails_in_one_line(self):
         directory = _temporary_directory(self)
         root = os.path.join(directory, "root")
