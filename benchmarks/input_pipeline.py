@@ -42,7 +42,7 @@ _INPUTS = flags.DEFINE_list(
     "Inputs to time, a subset of folder (image files) and records (cgc-prepare's files).",
 )
 _SHARD_MIB = flags.DEFINE_float(
-    "shard_mib", 4.0, "records input: largest record file in MiB (> 0), as cgc-prepare's."
+    "shard_mib", 4.0, "records input: target record file size in MiB (> 0), as cgc-prepare's."
 )
 _CACHE = flags.DEFINE_enum(
     "cache", "auto", ("auto", "off"), "auto: the pipeline's caching rule; off: never cache."

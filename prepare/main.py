@@ -5,7 +5,7 @@
 
 The folder has the `folder:` layout (root/train/<class>/*, optionally
 root/val|validation|test/<class>/*). Writes the tensorflow-datasets dataset
-<data_dir>/<name>/1.0.0/: per split, TFRecord files of at most --shard_mib MiB
+<data_dir>/<name>/1.0.0/: per split, TFRecord files of about --shard_mib MiB
 holding the encoded image files unchanged, with the class names and per-split
 counts. The same folder always gives the same files; an interrupted run leaves
 no visible dataset, and running again redoes it. The logic is
@@ -34,7 +34,8 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tensorflow-datasets data directory to write into (cgc-train --data_dir)."
 )
 _SHARD_MIB = flags.DEFINE_float(
-    "shard_mib", prepare.DEFAULT_SHARD_MIB, "Largest record file size in MiB (> 0)."
+    "shard_mib", prepare.DEFAULT_SHARD_MIB,
+    "Target record file size in MiB (> 0): ceil(split size / this) files per split.",
 )
 _NUM_SHARDS = flags.DEFINE_integer(
     "num_shards", None, "Record files per split instead of --shard_mib (>= 1)."
