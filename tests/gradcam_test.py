@@ -87,3 +87,74 @@ class GradcamTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+def _batch_norm_convnet():
+    """Conv(bias) -> BN, depthwise(x2) -> BN, a conv whose output also skips its BN, pooling + dense."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, use_bias=False,
+                                     padding="same", name="depthwise")(x)
+    x = keras.layers.BatchNormalization(name="depthwise_bn")(x)
+    shared = keras.layers.Conv2D(8, 1, use_bias=False, name="shared")(x)
+    y = keras.layers.BatchNormalization(name="shared_bn")(shared)
+    x = keras.layers.Add(name="features")([y, shared])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape
+            layer.moving_mean.assign(rng.normal(size=channels).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 2.0, size=channels).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, size=channels).astype("float32"))
+            layer.beta.assign(rng.normal(size=channels).astype("float32"))
+    return model
+
+
+class InferenceCallTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.model = _batch_norm_convnet()
+        self.images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[5, 6])
+
+    def test_folds_conv_batch_norm_pairs_and_equals_the_model(self):
+        extractor = gradcam.feature_model(self.model, "features")
+        pairs = gradcam._foldable_pairs(extractor)
+        # "shared" feeds its BN and the Add: not folded.
+        self.assertEqual(
+            sorted(batch_norm.name for batch_norm in pairs.values()), ["conv_bn", "depthwise_bn"]
+        )
+        expected = extractor(self.images, training=False)
+        folded = tf.function(lambda x: gradcam.inference_call(extractor, x))(self.images)
+        for want, got in zip(expected, folded):
+            self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+
+    def test_target_convolution_before_batch_norm_is_not_folded(self):
+        extractor = gradcam.feature_model(self.model, "depthwise")
+        self.assertEqual(
+            [batch_norm.name for batch_norm in gradcam._foldable_pairs(extractor).values()],
+            ["conv_bn"],
+        )
+        features, _ = gradcam.inference_call(extractor, self.images)
+        self.assertAllClose(features, extractor(self.images, training=False)[0], atol=1e-5)
+
+    def test_heatmaps_equal_a_gradient_tape_oracle_on_the_unfolded_model(self):
+        extractor = gradcam.feature_model(self.model, "features")
+        with tf.GradientTape() as tape:
+            features, logits = extractor(self.images, training=False)
+            classes = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            score = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))
+        gradients = tape.gradient(score, features)
+        weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
+        oracle = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+        _, cam, used = gradcam.gradcam(extractor, self.images, method="gradcam")
+        self.assertAllEqual(used, classes)
+        self.assertAllClose(cam, oracle, atol=1e-5, rtol=1e-4)
+        self.assertGreater(float(tf.reduce_max(oracle)), 0.0)
