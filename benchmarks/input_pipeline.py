@@ -9,10 +9,11 @@ view and the classification view, batching, prefetch) and iterates it for
 `--epochs` epochs: `folder` reads `folder:root` (one file per image);
 `records` first writes the folder as sharded record files with
 `cgc_tf.data.prepare_folder` (`cgc-prepare`; `--shard_mib`, timed as
-`prepare_s`) and reads those by name (parallel interleave over the files). The decoded images of a small dataset are cached in memory
-after the first epoch (`cgc_tf.data.pipeline.CACHE_MAX_BYTES`), so epoch 1
-measures decoding + views and later epochs the views only; `--cache=off` lowers
-that limit to 0 (datasets too large to cache), so every epoch decodes.
+`prepare_s`) and reads those by name (parallel interleave over the files).
+The decoded images of a small dataset are cached in memory after the first
+epoch (`cgc_tf.data.pipeline.CACHE_MAX_BYTES`), so epoch 1 measures decoding +
+views and later epochs the views only; `--cache=off` lowers that limit to 0
+(datasets too large to cache), so every epoch decodes.
 Then it times `--consumer_steps` CGC training steps (`--consumer_variant`) of
 `--arch` on batches of the same size, and reports the ratio
 pipeline images/s / step images/s (target: >= 3). The two are measured one

@@ -232,7 +232,8 @@ def prepare_folder(root, name, data_dir, shard_mib=DEFAULT_SHARD_MIB, num_shards
         paths, labels, problems = _validated_split(source, split, skip_corrupt_images)
         plan[split] = (paths, labels)
         if problems:
-            skipped[split] = [os.path.relpath(p, os.path.join(source.root, split)) for p in problems]
+            directory = os.path.join(source.root, split)
+            skipped[split] = [os.path.relpath(path, directory) for path in problems]
     builder_class = _builder_class(name, os.path.abspath(source.root), info.class_names, plan,
                                    skipped)
     builder = builder_class(data_dir=data_dir)
