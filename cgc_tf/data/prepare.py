@@ -108,7 +108,9 @@ class _FolderRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @dataclasses.dataclass(frozen=True)
 class _ShardConfig(tfds.core.utils.shard_utils.ShardConfig):
-    """Files of at most `max_shard_size` bytes per split (or `num_shards` files).
+    """ceil(split bytes / `max_shard_size`) files per split (or `num_shards`).
+
+    tfds gives the files equal example counts, so each is about that size.
 
     tfds's own rule ignores the configured sizes (it reads the class defaults, a
     64 MiB minimum and a 1 GiB maximum) and rounds to powers of two.
