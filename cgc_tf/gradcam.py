@@ -450,9 +450,8 @@ def inference_call(model, images):
     the graph from the live variables, so it follows training). The outputs
     equal the model's to float rounding; the saving is the two elementwise
     passes per BatchNorm over the activations, and TensorFlow then fuses the
-    convolution, bias and activation (MobileNetV2 224, batch 32, CPU: about
-    1.8x faster forward pass). Models without foldable pairs (`_foldable_pairs`)
-    run unchanged.
+    convolution, bias and activation (docs/performance.md). Models without
+    foldable pairs (`_foldable_pairs`) run unchanged.
 
     Args:
       model: a functional keras.Model (e.g. from `feature_model`).
