@@ -90,7 +90,7 @@ if __name__ == "__main__":
 
 
 def _batch_norm_convnet():
-    """Conv(bias) -> BN, depthwise(x2) -> BN, a conv whose output also skips its BN, pooling + dense."""
+    """Conv(bias) -> BN, depthwise(x2) -> BN, a conv also skipping its BN, pooling + dense."""
     import keras
 
     keras.utils.set_random_seed(3)
@@ -98,8 +98,9 @@ def _batch_norm_convnet():
     x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="conv_bn")(x)
     x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, use_bias=False,
-                                     padding="same", name="depthwise")(x)
+    x = keras.layers.DepthwiseConv2D(
+        3, strides=2, depth_multiplier=2, use_bias=False, padding="same", name="depthwise"
+    )(x)
     x = keras.layers.BatchNormalization(name="depthwise_bn")(x)
     shared = keras.layers.Conv2D(8, 1, use_bias=False, name="shared")(x)
     y = keras.layers.BatchNormalization(name="shared_bn")(shared)
