@@ -63,7 +63,8 @@ class Explainer:
     Args:
       model: a `cgc_tf.CGCModel`, or a functional keras classifier (images in
         [0, 1] -> logits), wrapped in a CGCModel with `target_layer`.
-      target_layer: Grad-CAM layer of a plain classifier (None: the last 4-D layer);
+      target_layer: Grad-CAM layer of a plain classifier (None:
+        `cgc_tf.explainers.auto_target_layer`'s choice);
         must be None for a CGCModel (it has its own).
     """
 

@@ -219,8 +219,13 @@ class EvaluatePaperTest(tf.test.TestCase):
     def test_zero_cams_score_the_box_area_and_uniform_scores_give_constant_curves(self):
         with tempfile.TemporaryDirectory() as root:
             examples = self._examples(root, full_boxes=False)
+        from cgc_tf import evaluation
+
+        # The layer is named: the automatic choice needs a class score that depends
+        # on the features, which this all-zero model's does not.
         result = paper_protocol.evaluate_paper(
-            _constant_model(), examples, input_resize=24, transform_min_area=0.5, batch_size=2,
+            evaluation.Explainer(_constant_model(), "features"), examples, input_resize=24,
+            transform_min_area=0.5, batch_size=2,
             progress=False,
         )
         self.assertEqual(result["protocol"], "paper")
