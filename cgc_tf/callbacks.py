@@ -308,6 +308,8 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
         if self._preempted:
             self._last_batch_seen = batch
             self._save_model(steps_in_epoch=batch + 1)
+            # fit() skips on_train_end when a callback raises: restore the handler here.
+            self.uninstall_signal_handler()
             raise TrainingPreempted(
                 f"SIGTERM received at epoch {self._current_epoch + 1}, step {batch + 1}: saved "
                 f"the training state to {self.backup_dir}; run the same command again to "
@@ -317,6 +319,7 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         if self._preempted:
+            self.uninstall_signal_handler()
             raise TrainingPreempted(
                 f"SIGTERM received during epoch {epoch + 1}: saved the training state after "
                 f"epoch {epoch + 1} to {self.backup_dir}; run the same command again to resume."
