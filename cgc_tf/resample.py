@@ -96,6 +96,18 @@ def _check_output_size(output_size):
 
 
 @_no_autograph
+def _float_images(images):
+    """`images` as a float tensor [B, H, W, C] (integer images cast to float32)."""
+    images = tf.convert_to_tensor(images)
+    if not images.dtype.is_floating:
+        images = tf.cast(images, tf.float32)
+    if images.shape.rank != 4:
+        raise ValueError(
+            f"`images` must have rank 4 [B, H, W, C]; received shape {images.shape}."
+        )
+    return images
+
+
 def crop_flip_resize(images, boxes, flips, output_size):
     """Crops a box per example, resizes it bilinearly, then flips it horizontally.
 
@@ -121,13 +133,7 @@ def crop_flip_resize(images, boxes, flips, output_size):
         [B, out_h, out_w, C], with the dtype of `images` (float32 for integer images).
     """
     output_height, output_width = _check_output_size(output_size)
-    images = tf.convert_to_tensor(images)
-    if not images.dtype.is_floating:
-        images = tf.cast(images, tf.float32)
-    if images.shape.rank != 4:
-        raise ValueError(
-            f"`images` must have rank 4 [B, H, W, C]; received shape {images.shape}."
-        )
+    images = _float_images(images)
     boxes = tf.cast(boxes, tf.float32)
     flips = tf.cast(flips, tf.bool)
     rows = _interpolation_taps(
@@ -200,13 +206,7 @@ def resized_crop(images, crops, flips, output_size):
         [B, out_h, out_w, C], with the dtype of `images` (float32 for integer images).
     """
     output_height, output_width = _check_output_size(output_size)
-    images = tf.convert_to_tensor(images)
-    if not images.dtype.is_floating:
-        images = tf.cast(images, tf.float32)
-    if images.shape.rank != 4:
-        raise ValueError(
-            f"`images` must have rank 4 [B, H, W, C]; received shape {images.shape}."
-        )
+    images = _float_images(images)
     crops = tf.cast(crops, tf.int32)
     flips = tf.cast(flips, tf.bool)
     rows = _half_pixel_taps(crops[:, 0], crops[:, 2], output_height)

@@ -37,7 +37,6 @@ Interrupting loses nothing: finished runs are skipped, unfinished ones resume.
       --extra=--lambda_=1.0 --output_dir=cgc_runs/elpv_tune/lambda1  # validation cells only
 """
 
-import json
 import os
 import sys
 
@@ -124,18 +123,13 @@ def main(argv):
     ]
     names = list(dict.fromkeys(name for name, *_ in others))
     # The floor: an untrained network of the same architecture on the same cells.
-    floor_path = os.path.join(output_dir, "untrained.json")
-    floors = {}
-    if os.path.exists(floor_path):
-        with open(floor_path) as f:
-            floors = {int(k): v for k, v in json.load(f).items()}
-    for seed in seeds:
-        if seed not in floors:
-            print(f"Evaluating an untrained network (seed {seed})", flush=True)
-            some_run = next(model_dir for _, _, run_seed, _, model_dir in others if run_seed == seed)
-            floors[seed] = runs_lib.untrained_metrics(os.path.join(some_run, "config.json"), seed)
-            with open(floor_path, "w") as f:
-                json.dump(floors, f, indent=2)
+    floors = runs_lib.untrained_floors(
+        output_dir, seeds,
+        lambda seed: os.path.join(
+            next(model_dir for _, _, run_seed, _, model_dir in others if run_seed == seed),
+            "config.json",
+        ),
+    )
     results += [{"regime": names[0], "method": runs_lib.UNTRAINED, "seed": seed,
                  "metrics": floors[seed]} for seed in seeds]
     rows = ([elpv_runs.PRETRAIN_ROW] if pretraining else []) + names

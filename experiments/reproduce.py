@@ -29,7 +29,6 @@ an unfinished one resumes from its last epoch (the binary's own resume).
       --extra=--lambda_=1.0 --output_dir=cgc_runs/tune/lambda1
 """
 
-import json
 import os
 import sys
 
@@ -102,18 +101,12 @@ def main(argv):
                     "metrics": runs_lib.read_metrics(runs_lib.run_dir(output_dir, regime, method, seed)),
                 })
     # The floor: an untrained network, the same for every regime (same test split).
-    floor_path = os.path.join(output_dir, "untrained.json")
-    floors = {}
-    if os.path.exists(floor_path):
-        with open(floor_path) as f:
-            floors = {int(k): v for k, v in json.load(f).items()}
-    for seed in seeds:
-        if seed not in floors:
-            print(f"Evaluating an untrained network (seed {seed})", flush=True)
-            some_run = runs_lib.run_dir(output_dir, _REGIMES.value[0], _METHODS.value[0], seed)
-            floors[seed] = runs_lib.untrained_metrics(os.path.join(some_run, "config.json"), seed)
-            with open(floor_path, "w") as f:
-                json.dump(floors, f, indent=2)
+    floors = runs_lib.untrained_floors(
+        output_dir, seeds,
+        lambda seed: os.path.join(
+            runs_lib.run_dir(output_dir, _REGIMES.value[0], _METHODS.value[0], seed), "config.json"
+        ),
+    )
     for regime in _REGIMES.value:
         for seed in seeds:
             results.append({"regime": regime, "method": runs_lib.UNTRAINED, "seed": seed,

@@ -90,6 +90,32 @@ def read_metrics(model_dir):
     return {"accuracy": metrics["accuracy"], **metrics["explanations"]}
 
 
+def untrained_floors(output_dir, seeds, config_path_for_seed):
+    """Metrics of an untrained network per seed, cached in output_dir/untrained.json.
+
+    Args:
+      output_dir: the experiment's directory (holds untrained.json).
+      seeds: ints.
+      config_path_for_seed: seed -> the config.json of a finished run of that seed
+        (the floor's network is built as that run's config says).
+
+    Returns:
+      dict seed -> flat metrics.
+    """
+    path = os.path.join(output_dir, "untrained.json")
+    floors = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            floors = {int(k): v for k, v in json.load(f).items()}
+    for seed in seeds:
+        if seed not in floors:
+            print(f"Evaluating an untrained network (seed {seed})", flush=True)
+            floors[seed] = untrained_metrics(config_path_for_seed(seed), seed)
+            with open(path, "w") as f:
+                json.dump(floors, f, indent=2)
+    return floors
+
+
 def untrained_metrics(config_path, seed):
     """Metrics of an untrained network built as a finished run's config says.
 

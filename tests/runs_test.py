@@ -131,3 +131,27 @@ class ReproduceTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class UntrainedFloorsTest(tf.test.TestCase):
+    def test_floors_are_computed_once_per_seed_and_cached(self):
+        calls = []
+
+        def fake_untrained_metrics(config_path, seed):
+            calls.append((config_path, seed))
+            return _metrics(0.1 * (seed + 1), 0.9)
+
+        output_dir = self.get_temp_dir()
+        original = runs.untrained_metrics
+        runs.untrained_metrics = fake_untrained_metrics
+        try:
+            first = runs.untrained_floors(output_dir, [0, 1], lambda seed: f"/runs/{seed}/config.json")
+            again = runs.untrained_floors(output_dir, [0, 1, 2], lambda seed: f"/runs/{seed}/config.json")
+        finally:
+            runs.untrained_metrics = original
+        self.assertEqual(calls, [("/runs/0/config.json", 0), ("/runs/1/config.json", 1),
+                                 ("/runs/2/config.json", 2)])
+        self.assertAllClose(first[1]["accuracy"], 0.2)
+        self.assertEqual(sorted(again), [0, 1, 2])
+        with open(os.path.join(output_dir, "untrained.json")) as f:
+            self.assertEqual(sorted(json.load(f)), ["0", "1", "2"])
