@@ -19,7 +19,7 @@ STRATEGY_NAMES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # The learning rate of the paper's setting is defined for this global batch
-# (SGD lr 0.1 at batch 256, METHOD.md).
+# (SGD lr 0.1 at batch 256, docs/method.md).
 REFERENCE_BATCH_SIZE = 256
 
 # Environment variables that `srun` sets for every task of a job step; the

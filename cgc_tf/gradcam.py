@@ -3,7 +3,7 @@
 Heatmaps are computed in float32 whatever the model's compute dtype, so
 second-order gradients stay finite under mixed precision. `METHODS`:
 
-  gradient_x_activation  METHOD.md's form, what CGC trains:
+  gradient_x_activation  docs/method.md's form, what CGC trains:
                          cam[h, w] = ReLU(sum_k dz_c/dF[h, w, k] * F[h, w, k]).
   gradcam                Selvaraju et al. 2017: channel weights are the spatial
                          mean of dz_c/dF; cam = ReLU(sum_k alpha_k F[..., k]).
@@ -521,7 +521,7 @@ def upsample(cam, size):
 
 
 def sum_normalize(cam):
-    """METHOD.md step 5: cam / (spatial sum + 1e-8) + 1e-8, float32 [B, H, W]."""
+    """docs/method.md step 5: cam / (spatial sum + 1e-8) + 1e-8, float32 [B, H, W]."""
     total = tf.reduce_sum(cam, axis=[1, 2], keepdims=True)
     return cam / (total + EPSILON) + EPSILON
 
@@ -529,7 +529,7 @@ def sum_normalize(cam):
 def pooling_dense_head(model, target_layer):
     """The Dense layer when `target_layer` -> GlobalAveragePooling2D -> Dense(logits).
 
-    This is the head where Grad-CAM has the closed form of METHOD.md. Dropout
+    This is the head where Grad-CAM has the closed form of docs/method.md. Dropout
     layers (identities at inference) may sit between the pooling and the Dense;
     the Dense may apply a softmax, or feed a final softmax layer (the logits
     are read before it, `logits_output`). Returns None for any other head.

@@ -1,4 +1,4 @@
-"""Explanation metrics on tensors (METHOD.md, "How explanations are evaluated").
+"""Explanation metrics on tensors (docs/method.md, "How explanations are evaluated").
 
 Every metric is batched and returns one value per image, so callers can average
 over a dataset (`cgc_tf.evaluation` does) or inspect single images:
@@ -27,7 +27,7 @@ from cgc_tf.explanation_metrics import randomization_sanity  # noqa: F401 (re-ex
 from cgc_tf.explanation_metrics import road  # noqa: F401 (re-exported)
 from cgc_tf.explanation_metrics import sparseness  # noqa: F401 (re-exported)
 
-# RISE's blur for the insertion start image (METHOD.md): an 11x11 Gaussian, sigma 5.
+# RISE's blur for the insertion start image (docs/method.md): an 11x11 Gaussian, sigma 5.
 BLUR_KERNEL_SIZE = 11
 BLUR_SIGMA = 5.0
 DEFAULT_AUC_STEPS = 32
@@ -96,7 +96,7 @@ def content_heatmap(heatmaps, boxes):
 
     Returns:
       (percent float32 [B] in [0, 100], valid bool [B]). An image is invalid, and
-      its percent 0, when its heatmap is all zero (METHOD.md skips those) or it has
+      its percent 0, when its heatmap is all zero (docs/method.md skips those) or it has
       no box; aggregators average over the valid images and count the others.
     """
     heatmaps = _as_heatmaps(heatmaps)

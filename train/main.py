@@ -93,10 +93,10 @@ _CONSISTENCY = flags.DEFINE_enum(
     "contrastive: CGC; mse: the GC baseline (the reference runs it at lambda 1000); none: "
     "the plain baseline (one view, one cross-entropy, no Grad-CAM; labelled data only).")
 _VIEWS = flags.DEFINE_integer(
-    "views", _D.views, "Cross-entropy views: 3 (METHOD.md) or 2 (no classification view).")
+    "views", _D.views, "Cross-entropy views: 3 (docs/method.md) or 2 (no classification view).")
 _TRANSFORM_MIN_AREA = flags.DEFINE_float(
     "transform_min_area", _D.transform_min_area, "Smallest area fraction of T's random crop, "
-    "in (0, 1] (METHOD.md: 0.08).")
+    "in (0, 1] (docs/method.md: 0.08).")
 _GLOBAL_NEGATIVES = flags.DEFINE_bool(
     "global_negatives", _D.global_negatives, "Negatives from all replicas' heatmaps.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed (>= 0).")

@@ -2,8 +2,9 @@
 
 Datasets (`dataset` argument): "cluttered_digits" (embedded, built offline on
 first use), "elpv" / "elpv_mono" / "elpv_poly" (solar cells from the optional
-package elpv-dataset, built offline on first use), any tensorflow-datasets name prepared in `data_dir` (never
-downloaded), or "folder:/root" (root/train/<class>/*, root/val|test/<class>/*).
+package elpv-dataset, built offline on first use), any tensorflow-datasets name
+prepared in `data_dir` (never downloaded), or "folder:/root" (root/train/<class>/*,
+root/val|test/<class>/*).
 
 Public API:
   DatasetInfo, dataset_info     classes, splits, bounding boxes of a dataset.
@@ -18,9 +19,9 @@ Public API:
                                 (the `cgc-prepare` command), then read by name.
 
 Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
-file policy), `prepare` (folders to record files), `views` (METHOD.md views),
-`pipeline` (the builders). Importing this package registers the `cluttered_digits` and `elpv` tfds builders
-(`cgc_tf.data.cluttered_digits`, `cgc_tf.data.elpv`).
+file policy), `prepare` (folders to record files), `views` (docs/method.md views),
+`pipeline` (the builders). Importing this package registers the `cluttered_digits`
+and `elpv` tfds builders (`cgc_tf.data.cluttered_digits`, `cgc_tf.data.elpv`).
 """
 
 from cgc_tf.data import cluttered_digits

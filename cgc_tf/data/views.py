@@ -1,4 +1,4 @@
-"""The views of METHOD.md computed in tf.data, one example at a time.
+"""The views of docs/method.md computed in tf.data, one example at a time.
 
 - Deterministic view `x_orig`: resize (bilinear) so the short side is
   `round(S * 256 / 224)`, then centre crop S x S. Bounding boxes follow the same
