@@ -302,6 +302,18 @@ def check_file(path):
     return None
 
 
+def total_file_bytes(paths):
+    """Summed size in bytes of the files at `paths` (unreadable ones count 0: the
+    validation pass reports them)."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            pass
+    return total
+
+
 def validate_files(paths, full_decode, min_short_side=None):
     """The validation pass of a folder dataset.
 

@@ -167,12 +167,7 @@ def _validated_split(source, split, skip_corrupt_images):
     """(paths, labels, skipped paths) of a folder split after the validation pass."""
     paths, labels = source.label_index(split)
     paths = list(paths)
-    total_bytes = 0
-    for path in paths:
-        try:
-            total_bytes += os.stat(path).st_size
-        except OSError:
-            pass  # Reported by the validation pass.
+    total_bytes = decode.total_file_bytes(paths)
     full_decode = total_bytes <= decode.FULL_VALIDATION_MAX_BYTES
     logging.info(
         "Checking %d files (%.1f MiB) of split %r (%s)", len(paths), total_bytes / 2**20, split,

@@ -521,12 +521,7 @@ class FolderSource:
             paths, labels = [paths[i] for i in selected], labels[selected]
         check_shard(num_shards, shard_index)
         paths, labels = list(paths)[shard_index::num_shards], labels[shard_index::num_shards]
-        total_bytes = 0
-        for path in paths:
-            try:
-                total_bytes += os.stat(path).st_size
-            except OSError:
-                pass  # Reported by the validation pass.
+        total_bytes = decode.total_file_bytes(paths)
         full_decode = total_bytes <= decode.FULL_VALIDATION_MAX_BYTES
         problems, shapes = decode.validate_files(paths, full_decode, min_short_side)
         if problems:
