@@ -6,7 +6,6 @@ the regimes, methods and outputs.
 
 import json
 import os
-import sys
 
 from experiments import runs as runs_lib
 
@@ -25,13 +24,8 @@ LABELLED_SUBSET = ("limited", "limited_pretrained", "semi", "semi_pretrained")
 SEMI = ("semi", "semi_pretrained")
 # Where the plain baseline's rows of the semi regimes come from (see `plan`).
 SEMI_WITHOUT_UNLABELLED = {"semi": "limited", "semi_pretrained": "limited_pretrained"}
-# The reference's baselines: plain is one view and cross-entropy only; GC is the
-# MSE consistency at the reference's lambda.
-METHODS = {
-    "plain": ["--consistency=none"],
-    "gc": ["--consistency=mse", "--lambda_=1000"],
-    "cgc": [],
-}
+# The reference's baselines, as the digits experiments run them (runs.METHODS).
+METHODS = {name: runs_lib.METHODS[name] for name in runs_lib.PAPER_METHODS}
 PRETRAIN_METHOD = "plain"
 PRETRAIN_SEED = 0
 PRETRAIN_REGIME = "pretrain"
@@ -73,21 +67,12 @@ def _dataset(cell_type, holdout):
     return f"elpv_{cell_type}" + ("_holdout" if holdout else "")
 
 
-def _base_command(flagfile, method, seed, model_dir):
-    return [
-        sys.executable, "-m", "train.main",
-        "--flagfile=" + os.path.join(REPO, "train", "configs", flagfile),
-        *METHODS[method],
-        f"--seed={seed}",
-        f"--model_dir={model_dir}",
-        "--export=false",
-    ]
-
-
 def pretrain_command(output_dir, extra=(), holdout=False):
     """The cgc-train command of the pretraining run (list of str)."""
     return [
-        *_base_command(FLAGFILES["full"], PRETRAIN_METHOD, PRETRAIN_SEED, pretrain_dir(output_dir)),
+        *runs_lib.base_command(
+            FLAGFILES["full"], METHODS[PRETRAIN_METHOD], PRETRAIN_SEED, pretrain_dir(output_dir)
+        ),
         f"--dataset={_dataset('poly', holdout)}",
         *extra,
     ]
@@ -114,7 +99,10 @@ def train_command(regime, method, seed, model_dir, output_dir, labels_per_class=
         data_flags.append(f"--unlabeled={_dataset('mono', holdout)}")
     if regime in PRETRAINED:
         data_flags.append(f"--init_weights={pretrained_weights(output_dir)}")
-    return [*_base_command(FLAGFILES[regime], method, seed, model_dir), *data_flags, *extra]
+    return [
+        *runs_lib.base_command(FLAGFILES[regime], METHODS[method], seed, model_dir),
+        *data_flags, *extra,
+    ]
 
 
 def plan(output_dir, regimes, methods, seeds, labels_per_class, extra=(), holdout=False):

@@ -52,6 +52,25 @@ def run_dir(output_dir, regime, method, seed):
     return os.path.join(output_dir, regime, f"{method}_seed{seed}")
 
 
+def base_command(flagfile, method_flags, seed, model_dir):
+    """The cgc-train command of one run without data flags (list of str).
+
+    Args:
+      flagfile: a file name in train/configs/.
+      method_flags: the flags that make the method (a value of METHODS).
+      seed: int.
+      model_dir: the run's directory (no export: the experiments read metrics.json).
+    """
+    return [
+        sys.executable, "-m", "train.main",
+        "--flagfile=" + os.path.join(REPO, "train", "configs", flagfile),
+        *method_flags,
+        f"--seed={seed}",
+        f"--model_dir={model_dir}",
+        "--export=false",
+    ]
+
+
 def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
     """The cgc-train command line of one run (list of str).
 
@@ -68,16 +87,7 @@ def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
         data_flags = ["--dataset=cluttered_digits_holdout"]
         if uses_unlabelled:
             data_flags.append("--unlabeled=cluttered_digits_holdout")
-    return [
-        sys.executable, "-m", "train.main",
-        "--flagfile=" + os.path.join(REPO, "train", "configs", flagfile),
-        *METHODS[method],
-        f"--seed={seed}",
-        f"--model_dir={model_dir}",
-        "--export=false",
-        *data_flags,
-        *extra,
-    ]
+    return [*base_command(flagfile, METHODS[method], seed, model_dir), *data_flags, *extra]
 
 
 def read_metrics(model_dir):
