@@ -628,60 +628,64 @@ class SplitGradientsTest(tf.test.TestCase, parameterized.TestCase):
             )
 
 
-class SplitStepUnderStrategyTest(testing_devices.TwoReplicaTestCase):
+class _OneStepUnderStrategy:
+    """One fit step of `_model()` on two replicas against the same global batch on one device.
+
+    Subclasses define `_features()`, `_model()` (built in the strategy's scope) and
+    `HISTORY_KEYS`, the logged losses compared.
+    """
+
+    def _one_step(self, strategy):
+        features = self._features()
+        with strategy.scope():
+            model = self._model()
+            model.compile(optimizer=keras.optimizers.SGD(0.5))
+        history = model.fit(
+            features, np.array([0, 1, 2, 1]), batch_size=4, shuffle=False, verbose=0
+        )
+        return [variable.numpy() for variable in model.trainable_variables], history.history
+
+    def test_matches_single_device(self):
+        expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
+        weights, history = self._one_step(self.strategy)
+        for key in self.HISTORY_KEYS:
+            self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
+        for actual, expected in zip(weights, expected_weights):
+            self.assertAllClose(actual, expected, atol=1e-5)
+
+
+class SplitStepUnderStrategyTest(_OneStepUnderStrategy, testing_devices.TwoReplicaTestCase):
     """views=3 (two tapes) on two replicas against the same global batch on one device."""
 
-    def _one_step(self, strategy):
+    HISTORY_KEYS = ("loss", "ce_loss", "cgc_loss")
+
+    def _features(self):
         images = _random_images(0)
-        features = {"image": images, "classification_view": np.flip(images, axis=1).copy()}
-        with strategy.scope():
-            model = cgc_tf.CGCModel(
-                testing_models.tiny_convnet(16),
-                views=3,
-                lambda_=1.0,
-                global_negatives=True,
-                # T = a flip of the whole image: both runs see the same views.
-                augmentation=cgc_tf.PairedAugmentation(
-                    area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
-                ),
-            )
-            model.compile(optimizer=keras.optimizers.SGD(0.5))
-        history = model.fit(
-            features, np.array([0, 1, 2, 1]), batch_size=4, shuffle=False, verbose=0
+        return {"image": images, "classification_view": np.flip(images, axis=1).copy()}
+
+    def _model(self):
+        return cgc_tf.CGCModel(
+            testing_models.tiny_convnet(16),
+            views=3,
+            lambda_=1.0,
+            global_negatives=True,
+            # T = a flip of the whole image: both runs see the same views.
+            augmentation=cgc_tf.PairedAugmentation(
+                area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+            ),
         )
-        return [variable.numpy() for variable in model.trainable_variables], history.history
-
-    def test_matches_single_device(self):
-        expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
-        weights, history = self._one_step(self.strategy)
-        for key in ("loss", "ce_loss", "cgc_loss"):
-            self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
-        for actual, expected in zip(weights, expected_weights):
-            self.assertAllClose(actual, expected, atol=1e-5)
 
 
-class PlainStepUnderStrategyTest(testing_devices.TwoReplicaTestCase):
+class PlainStepUnderStrategyTest(_OneStepUnderStrategy, testing_devices.TwoReplicaTestCase):
     """The plain baseline's step on two replicas against the same global batch on one device."""
 
-    def _one_step(self, strategy):
-        features = {"image": _random_images(0), "classification_view": _random_images(1)}
-        with strategy.scope():
-            model = cgc_tf.CGCModel(
-                testing_models.tiny_convnet(16), consistency="none", views=3
-            )
-            model.compile(optimizer=keras.optimizers.SGD(0.5))
-        history = model.fit(
-            features, np.array([0, 1, 2, 1]), batch_size=4, shuffle=False, verbose=0
-        )
-        return [variable.numpy() for variable in model.trainable_variables], history.history
+    HISTORY_KEYS = ("loss", "ce_loss")
 
-    def test_matches_single_device(self):
-        expected_weights, expected_history = self._one_step(tf.distribute.get_strategy())
-        weights, history = self._one_step(self.strategy)
-        for key in ("loss", "ce_loss"):
-            self.assertAllClose(history[key], expected_history[key], atol=1e-5, msg=key)
-        for actual, expected in zip(weights, expected_weights):
-            self.assertAllClose(actual, expected, atol=1e-5)
+    def _features(self):
+        return {"image": _random_images(0), "classification_view": _random_images(1)}
+
+    def _model(self):
+        return cgc_tf.CGCModel(testing_models.tiny_convnet(16), consistency="none", views=3)
 
 
 if __name__ == "__main__":
