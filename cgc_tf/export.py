@@ -18,20 +18,11 @@ preprocessing and the NaN / bad-bytes policy):
   explain_bytes_class  image_bytes, class_index  -> ..., heatmap, valid
   metadata             (none)                    -> metadata_json
 
-The artefacts are first written to a hidden staging folder of `export_dir`
-(TF Serving ignores non-numeric names), loaded back (tf.saved_model.load,
-onnxruntime) and compared with the Keras model on seeded inputs; only then are
-they moved into place, so a server watching `export_dir` never sees a
-half-written or unverified version.
-
-Tolerance: probabilities are compared in absolute terms; heatmaps, whose scale
-is arbitrary (it follows the logits' scale), relative to the largest reference
-heatmap value of the batch (absolute below 1e-6), with max(tolerance,
-HEATMAP_TOLERANCE) (float32 cancellation, see there). The reference is
-`CGCModel.explain`, the GradientTape Grad-CAM, also when the export uses the
-closed form. A class_id may differ from the reference only where the two
-largest reference probabilities are closer than the tolerance (a near tie);
-heatmaps are compared on the rows whose class_id agrees.
+The artefacts are written to a hidden staging folder of `export_dir` (TF Serving
+ignores non-numeric names), verified against the Keras model
+(`cgc_tf.export_verification`) and only then moved into place, so a server watching
+`export_dir` never sees a half-written or unverified version. Tolerances and the
+report: docs/export.md.
 """
 
 import datetime
@@ -46,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 import cgc_tf
+from cgc_tf import export_verification as verification
 from cgc_tf import serving
 from cgc_tf.model import CGCModel
 
@@ -56,48 +48,15 @@ DEFAULT_OPSET = 17
 # Oldest opset accepted: Resize with half-pixel coordinates and Einsum behave as
 # TensorFlow's from opset 13 on; the newest is what tf2onnx supports.
 MIN_OPSET = 13
-DEFAULT_TOLERANCE = 1e-4
-# Heatmaps are checked against max(tolerance, HEATMAP_TOLERANCE), relative to the
-# largest reference value: Grad-CAM sums channel maps weighted with both signs,
-# and where they cancel the exported kernels' float32 summation order moves the
-# result by ~1e-4 of the maximum (measured: 1.09e-4 on a main-job model, ONNX,
-# batch 1). A real fault (wrong layer, class or weights) differs by O(1).
-HEATMAP_TOLERANCE = 1e-3
+# Re-exported: export_model's default, its error and the report's summary.
+DEFAULT_TOLERANCE = verification.DEFAULT_TOLERANCE
+VerificationError = verification.VerificationError
+format_summary = verification.format_summary
 MODEL_FILENAME = "model.keras"
 CONFIG_FILENAME = "config.json"
 ONNX_FILENAME = "model.onnx"
 REPORT_FILENAME = "export_report.json"
 METADATA_FILENAME = "metadata.json"
-METADATA_SIGNATURE = "metadata"
-VERIFICATION_BATCH_SIZES = (1, 3)
-VERIFICATION_SEED = 0
-HEATMAP_SCALE_FLOOR = 1e-6
-# Appended to the encoded verification batch: must come back valid=False.
-INVALID_IMAGE_BYTES = b"not an image"
-PREPROCESSING = {
-    "images": (
-        "float32 [B, H, W, 3] RGB in [0, 1]; NaN -> 0, then clipped to [0, 1]; resized "
-        "bilinearly (no antialiasing, aspect not kept) to image_size x image_size when H, W "
-        "differ; heatmap returned at H x W"
-    ),
-    "image_bytes": (
-        "string [B] of encoded JPEG/PNG (GIF/BMP/WebP also decode); decoded to RGB as the "
-        "evaluation pipeline does (JPEG: accurate IDCT, DCT downscaling down to the view's "
-        "short side), short side resized to round(image_size * 256 / 224) (bilinear, "
-        "antialiased), centre crop image_size x image_size, scaled to [0, 1]; heatmap over "
-        "that crop; undecodable elements give valid=false, class_id=-1, zero probabilities "
-        "and heatmap"
-    ),
-    "class_index": "int32 [B]: class to explain per image, -1 = the predicted class",
-}
-
-
-class VerificationError(RuntimeError):
-    """The exported artefacts disagree with the Keras model; `report` has the numbers."""
-
-    def __init__(self, message, report):
-        super().__init__(message)
-        self.report = report
 
 
 # ------------------------------------------------------------------ loading
@@ -254,7 +213,7 @@ def export_model(
         report.update(export_dir=export_dir, version=version)
         if not report["passed"]:
             _write_json(os.path.join(export_dir, REPORT_FILENAME), report)
-            raise VerificationError(_failure_message(report, tolerance), report)
+            raise VerificationError(verification.failure_message(report, tolerance), report)
         if SAVED_MODEL in formats:
             if os.path.exists(version_dir):
                 shutil.rmtree(version_dir)
@@ -333,9 +292,9 @@ def _metadata(model, functions, class_names, version, formats, extra_metadata):
         "image_size": functions.image_size,
         "target_layer": model.target_layer,
         "heatmap_method": "closed_form" if functions.closed_form else "gradient_tape",
-        "preprocessing": PREPROCESSING,
+        "preprocessing": serving.PREPROCESSING,
         "version": version,
-        "signatures": sorted(functions.signatures()) + [METADATA_SIGNATURE],
+        "signatures": sorted(functions.signatures()) + [serving.METADATA_SIGNATURE],
         "formats": list(formats),
     }
     if extra_metadata is not None:
@@ -373,7 +332,7 @@ def write_saved_model(functions, metadata, path):
         archive.add_endpoint(name, function, input_signature=specs)
     metadata_json = json.dumps(metadata, sort_keys=True)
     archive.add_endpoint(
-        METADATA_SIGNATURE,
+        serving.METADATA_SIGNATURE,
         lambda: {"metadata_json": tf.constant(metadata_json)},
         input_signature=[],
     )
@@ -476,8 +435,9 @@ def write_onnx(
     onnx.save(proto, path)
 
 
-# ------------------------------------------------------------- verification
+# ------------------------------------------------------ export and verification
 def _export_and_verify(model, functions, metadata, staging, formats, opset, batch_size, tolerance):
+    """Writes the artefacts into `staging`, verifies them; returns the report."""
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(formats),
@@ -488,16 +448,7 @@ def _export_and_verify(model, functions, metadata, staging, formats, opset, batc
         "class_names": metadata["class_names"],
         "target_layer": metadata["target_layer"],
         "formats": list(formats),
-        "tolerance": tolerance,
-        "tolerance_semantics": (
-            "probabilities: max absolute difference; heatmap: max absolute difference / "
-            f"max(largest reference heatmap value, {HEATMAP_SCALE_FLOOR}) <= max(tolerance, "
-            f"{HEATMAP_TOLERANCE}), over the rows whose "
-            "class_id agrees; class_id may differ only on near ties (top-2 reference "
-            "probabilities closer than the tolerance)"
-        ),
-        "verification_batch_sizes": list(VERIFICATION_BATCH_SIZES),
-        "verification_seed": VERIFICATION_SEED,
+        **verification.settings(tolerance),
         "failures": [],
     }
     saved_model_path = os.path.join(staging, SAVED_MODEL)
@@ -507,12 +458,14 @@ def _export_and_verify(model, functions, metadata, staging, formats, opset, batc
         write_onnx(functions, metadata, onnx_path, opset, batch_size)
     if SAVED_MODEL in formats:
         write_saved_model(functions, metadata, saved_model_path)
-        report["saved_model"] = _verify_saved_model(
+        report["saved_model"] = verification.verify_saved_model(
             saved_model_path, model, functions, metadata, tolerance
         )
         report["failures"] += report["saved_model"].pop("failures")
     if ONNX in formats:
-        report["onnx"] = _verify_onnx(onnx_path, model, functions, batch_size, tolerance)
+        report["onnx"] = verification.verify_onnx(
+            onnx_path, model, functions, batch_size, tolerance
+        )
         report["onnx"].update(
             opset=opset, batch_size="dynamic" if batch_size is None else batch_size
         )
@@ -539,251 +492,3 @@ def _versions(formats):
         )
     return versions
 
-
-def _verification_inputs(functions, batch_sizes):
-    """Seeded float images and their PNG encodings, one entry per batch size."""
-    rng = np.random.default_rng(VERIFICATION_SEED)
-    size = functions.image_size
-    cases = []
-    for batch_size in batch_sizes:
-        # Quantised to 8 bits so the PNG round trip is exact.
-        pixels = rng.integers(0, 256, size=(batch_size, size, size, 3), dtype=np.uint8)
-        images = pixels.astype(np.float32) / 255.0
-        encoded = [tf.io.encode_png(image).numpy() for image in pixels]
-        class_index = (np.arange(batch_size, dtype=np.int32) + 1) % functions.num_classes
-        class_index[0] = -1
-        cases.append({"images": images, "encoded": encoded, "class_index": class_index})
-    return cases
-
-
-def _reference(model, images, class_index=None):
-    """CGCModel.explain (GradientTape) as numpy; class_index -1 = the prediction."""
-    predicted = model.explain(images)
-    if class_index is None:
-        return {name: value.numpy() for name, value in predicted.items()}
-    resolved = np.where(class_index < 0, predicted["class_id"].numpy(), class_index)
-    return {name: value.numpy() for name, value in model.explain(images, resolved).items()}
-
-
-def _bytes_reference(model, functions, encoded, class_index=None):
-    views = np.stack([serving.preprocess_encoded(data, functions.image_size) for data in encoded])
-    reference = _reference(model, views, class_index)
-    # The appended invalid element: zeros, class -1, valid False.
-    reference = {
-        name: np.concatenate([value, np.zeros_like(value[:1])]) for name, value in reference.items()
-    }
-    reference["class_id"][-1] = -1
-    reference["valid"] = np.array([True] * len(encoded) + [False])
-    return reference
-
-
-def _compare(reference, outputs, tolerance, label):
-    """Per-output statistics and failure messages of one call.
-
-    A class_id may differ from the reference only on a near tie (top-2
-    reference probabilities closer than `tolerance`); heatmaps are compared on
-    the rows whose class_id agrees, since they explain that class.
-    """
-    stats, failures = {}, []
-    missing = sorted(set(reference) - set(outputs))
-    if missing:
-        return stats, [f"{label}: outputs {missing} are missing"]
-    for name, expected in reference.items():
-        if np.shape(outputs[name]) != expected.shape:
-            return stats, [
-                f"{label}/{name}: shape {np.shape(outputs[name])} != expected {expected.shape}"
-            ]
-    probabilities = reference["probabilities"]
-    valid = reference.get("valid", np.ones(len(probabilities), bool))
-    near_tie = np.zeros(len(probabilities), bool)
-    if probabilities.shape[-1] > 1:
-        top2 = np.sort(probabilities, axis=-1)[:, -2:]
-        near_tie = (top2[:, 1] - top2[:, 0]) < tolerance
-    same_class = np.asarray(outputs["class_id"]) == reference["class_id"]
-    difference = float(np.max(np.abs(outputs["probabilities"] - probabilities), initial=0.0))
-    stats["probabilities"] = {"max_abs_diff": difference}
-    if not difference <= tolerance:
-        failures.append(
-            f"{label}/probabilities: max abs difference {difference:.3g} > {tolerance:g}"
-        )
-    stats["class_id"] = {
-        "mismatches": int(np.sum(~same_class & ~near_tie)),
-        "near_tie_flips": int(np.sum(~same_class & near_tie)),
-    }
-    if stats["class_id"]["mismatches"]:
-        failures.append(
-            f"{label}/class_id: {stats['class_id']['mismatches']} mismatches outside near ties"
-        )
-    if "valid" in reference:
-        mismatches = int(np.sum(np.asarray(outputs["valid"]) != valid))
-        stats["valid"] = {"mismatches": mismatches}
-        if mismatches:
-            failures.append(f"{label}/valid: {mismatches} mismatches")
-    if "heatmap" in reference:
-        rows = same_class & valid
-        actual, expected = np.asarray(outputs["heatmap"])[rows], reference["heatmap"][rows]
-        difference = float(np.max(np.abs(actual - expected), initial=0.0))
-        scale = max(float(np.max(np.abs(expected), initial=0.0)), HEATMAP_SCALE_FLOOR)
-        stats["heatmap"] = {
-            "max_abs_diff": difference,
-            "max_relative_diff": difference / scale,
-            "reference_max": float(np.max(expected, initial=0.0)),
-            "rows_compared": int(np.sum(rows)),
-        }
-        heatmap_tolerance = max(tolerance, HEATMAP_TOLERANCE)
-        if not difference / scale <= heatmap_tolerance:
-            failures.append(
-                f"{label}/heatmap: max difference relative to the heatmap maximum "
-                f"{difference / scale:.3g} > {heatmap_tolerance:g}"
-            )
-    return stats, failures
-
-
-def _merge(total, stats):
-    """Worst differences and summed counts over the verification batches."""
-    for name, values in stats.items():
-        merged = total.setdefault(name, {})
-        for key, value in values.items():
-            if isinstance(value, int):
-                merged[key] = merged.get(key, 0) + value
-            else:
-                merged[key] = max(merged.get(key, value), value)
-
-
-def _describe_specs(specs):
-    return {
-        spec.name if hasattr(spec, "name") and spec.name else key: {
-            "dtype": spec.dtype.name,
-            "shape": [None if d is None else int(d) for d in spec.shape],
-        }
-        for key, spec in specs.items()
-    }
-
-
-def _verify_saved_model(path, model, functions, metadata, tolerance):
-    loaded = tf.saved_model.load(path)
-    signatures, failures = {}, []
-    for name, signature in loaded.signatures.items():
-        _, input_specs = signature.structured_input_signature
-        signatures[name] = {
-            "inputs": _describe_specs(input_specs),
-            "outputs": _describe_specs(signature.structured_outputs),
-        }
-    stored = json.loads(loaded.signatures[METADATA_SIGNATURE]()["metadata_json"].numpy())
-    if stored != json.loads(json.dumps(metadata, sort_keys=True)):
-        failures.append("saved_model/metadata: the metadata signature differs from the metadata")
-    results = {}
-    for case in _verification_inputs(functions, VERIFICATION_BATCH_SIZES):
-        images, encoded, class_index = case["images"], case["encoded"], case["class_index"]
-        encoded_batch = tf.constant(encoded + [INVALID_IMAGE_BYTES])
-        class_batch = np.concatenate([class_index, [-1]]).astype(np.int32)
-        expected = _reference(model, images)
-        expected_class = _reference(model, images, class_index)
-        expected_bytes = _bytes_reference(model, functions, encoded)
-        expected_bytes_class = _bytes_reference(model, functions, encoded, class_index)
-        calls = {
-            "serving_default": (
-                {"images": images},
-                {k: expected[k] for k in ("probabilities", "class_id")},
-            ),
-            "explain": ({"images": images}, expected),
-            "explain_class": ({"images": images, "class_index": class_index}, expected_class),
-            "serving_bytes": (
-                {"image_bytes": encoded_batch},
-                {k: expected_bytes[k] for k in ("probabilities", "class_id", "valid")},
-            ),
-            "explain_bytes": ({"image_bytes": encoded_batch}, expected_bytes),
-            "explain_bytes_class": (
-                {"image_bytes": encoded_batch, "class_index": class_batch},
-                expected_bytes_class,
-            ),
-        }
-        for name, (feed, reference) in calls.items():
-            label = f"saved_model/{name}/batch_{len(images)}"
-            outputs = {k: v.numpy() for k, v in loaded.signatures[name](**feed).items()}
-            stats, call_failures = _compare(reference, outputs, tolerance, label)
-            _merge(results.setdefault(name, {}), stats)
-            failures += call_failures
-    return {"signatures": signatures, "differences": results, "failures": failures}
-
-
-def _describe_onnx(arguments):
-    """{name: {dtype, shape}} of onnxruntime inputs/outputs; symbolic dims -> None."""
-    return {
-        argument.name: {
-            "dtype": argument.type,
-            "shape": [d if isinstance(d, int) else None for d in argument.shape],
-        }
-        for argument in arguments
-    }
-
-
-def _verify_onnx(path, model, functions, batch_size, tolerance):
-    import onnx
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    output_names = [output.name for output in session.get_outputs()]
-    batch_sizes = VERIFICATION_BATCH_SIZES if batch_size is None else (batch_size,)
-    results, failures = {}, []
-    for case in _verification_inputs(functions, batch_sizes):
-        images = case["images"]
-        outputs = dict(zip(output_names, session.run(None, {serving.IMAGES_KEY: images})))
-        label = f"onnx/explain/batch_{len(images)}"
-        stats, call_failures = _compare(_reference(model, images), outputs, tolerance, label)
-        _merge(results, stats)
-        failures += call_failures
-    proto = onnx.load(path, load_external_data=False)
-    return {
-        "inputs": _describe_onnx(session.get_inputs()),
-        "outputs": _describe_onnx(session.get_outputs()),
-        "metadata_props": sorted(prop.key for prop in proto.metadata_props),
-        "differences": results,
-        "failures": failures,
-    }
-
-
-def _failure_message(report, tolerance):
-    lines = "\n".join(f"  - {failure}" for failure in report["failures"])
-    return (
-        f"export verification failed (tolerance={tolerance:g}); nothing was moved into "
-        f"{report['export_dir']!r}:\n{lines}"
-    )
-
-
-def format_summary(report):
-    """A few human-readable lines about an export report (printed by `cgc-export`)."""
-    lines = [
-        f"export {'passed' if report['passed'] else 'FAILED'}: version {report['version']} in "
-        f"{report['export_dir']}",
-        f"  heatmaps: {report['heatmap_method']} (target layer {report['target_layer']!r}), "
-        f"{report['num_classes']} classes, input {report['image_size']}x{report['image_size']}",
-    ]
-    if "saved_model" in report:
-        worst = _worst(report["saved_model"]["differences"].values())
-        lines.append(
-            f"  SavedModel {report.get('saved_model_dir', '(not moved)')}: "
-            f"{len(report['saved_model']['signatures'])} signatures; {worst}"
-        )
-    if "onnx" in report:
-        onnx_report = report["onnx"]
-        worst = _worst([onnx_report["differences"]])
-        lines.append(
-            f"  ONNX {report.get('onnx_path', '(not moved)')}: opset {onnx_report['opset']}, "
-            f"batch {onnx_report['batch_size']}; {worst}"
-        )
-    lines += [f"  failure: {failure}" for failure in report["failures"]]
-    return "\n".join(lines)
-
-
-def _worst(differences):
-    probabilities = max(
-        (d["probabilities"]["max_abs_diff"] for d in differences if "probabilities" in d),
-        default=0.0,
-    )
-    heatmaps = max(
-        (d["heatmap"]["max_relative_diff"] for d in differences if "heatmap" in d), default=0.0
-    )
-    return (
-        f"max |probabilities diff| {probabilities:.2g}, max relative heatmap diff {heatmaps:.2g}"
-    )

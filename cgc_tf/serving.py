@@ -4,9 +4,9 @@
 `tf.function`s with explicit input signatures (SavedModel) and converts the float one
 to ONNX. Outputs: probabilities float32 [B, K], class_id int32 [B] (-1 for undecodable
 bytes), heatmap float32 [B, H, W] (as `CGCModel.explain`), valid bool [B] (bytes
-inputs). Inputs: images float32 [B, H, W, 3] in [0, 1] (NaN -> 0, clipped, resized to
-the model size, heatmap at H x W) or image_bytes string [B] (decoded to the evaluation
-pipeline's deterministic view). The contract and bad inputs in full: docs/export.md.
+inputs). Inputs: images float32 [B, H, W, 3] in [0, 1] or image_bytes string [B];
+their preprocessing is `PREPROCESSING` (recorded in each export's metadata). The
+contract and bad inputs in full: docs/export.md.
 """
 
 import tensorflow as tf
@@ -18,8 +18,27 @@ from cgc_tf.data import views as data_views
 IMAGES_KEY = "images"
 IMAGE_BYTES_KEY = "image_bytes"
 CLASS_INDEX_KEY = "class_index"
+# The SavedModel signature (no inputs) returning the export metadata as JSON.
+METADATA_SIGNATURE = "metadata"
 # Entries of a tensor shown in an assertion message.
 MAX_SHOWN = 16
+# The preprocessing contract of the inputs, as exports record it in their metadata.
+PREPROCESSING = {
+    IMAGES_KEY: (
+        "float32 [B, H, W, 3] RGB in [0, 1]; NaN -> 0, then clipped to [0, 1]; resized "
+        "bilinearly (no antialiasing, aspect not kept) to image_size x image_size when H, W "
+        "differ; heatmap returned at H x W"
+    ),
+    IMAGE_BYTES_KEY: (
+        "string [B] of encoded JPEG/PNG (GIF/BMP/WebP also decode); decoded to RGB as the "
+        "evaluation pipeline does (JPEG: accurate IDCT, DCT downscaling down to the view's "
+        "short side), short side resized to round(image_size * 256 / 224) (bilinear, "
+        "antialiased), centre crop image_size x image_size, scaled to [0, 1]; heatmap over "
+        "that crop; undecodable elements give valid=false, class_id=-1, zero probabilities "
+        "and heatmap"
+    ),
+    CLASS_INDEX_KEY: "int32 [B]: class to explain per image, -1 = the predicted class",
+}
 
 
 def float_spec(batch_size=None, channels=None):

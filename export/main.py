@@ -19,6 +19,7 @@ from absl import flags  # noqa: E402
 
 from cgc_tf import console  # noqa: E402
 from cgc_tf import export  # noqa: E402
+from cgc_tf import export_verification  # noqa: E402
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "A cgc-train --model_dir (holds model.keras); or give --model."
@@ -52,7 +53,8 @@ _TOLERANCE = flags.DEFINE_float(
     "tolerance",
     export.DEFAULT_TOLERANCE,
     "Largest accepted difference from the Keras model (> 0): absolute for probabilities, "
-    "relative to the heatmap maximum for heatmaps.",
+    "relative to the heatmap maximum for heatmaps (there at least "
+    f"{export_verification.HEATMAP_TOLERANCE:g}, float32 cancellation; docs/export.md).",
 )
 _CLASS_NAMES_FILE = flags.DEFINE_string(
     "class_names_file", None, "Text file with one class name per line; default '0'...'K-1'."

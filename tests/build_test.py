@@ -45,7 +45,8 @@ ALLOWED = {
         "run_lock", "schedules", "optimizers", "explainers",
     },
     "serving": {"gradcam", "model", "config", "data"},
-    "export": {"model", "gradcam", "config", "serving"},
+    "export": {"model", "gradcam", "config", "serving", "export_verification"},
+    "export_verification": {"serving"},
 }
 
 

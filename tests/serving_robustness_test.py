@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import cgc_tf
 from cgc_tf import export
+from cgc_tf import export_verification as verification
 from cgc_tf.data import decode as data_decode
 from cgc_tf.data import views as data_views
 from tests import testing_models
@@ -56,7 +57,7 @@ class _LoadedModelTestCase(tf.test.TestCase, parameterized.TestCase):
         rows = slice(None) if rows is None else rows
         self.assertAllClose(outputs["probabilities"][rows], expected["probabilities"], atol=1e-5)
         self.assertAllEqual(outputs["class_id"][rows], expected["class_id"])
-        scale = max(float(np.max(expected["heatmap"])), 1e-6)
+        scale = max(float(np.max(expected["heatmap"])), verification.HEATMAP_SCALE_FLOOR)
         self.assertAllClose(
             outputs["heatmap"][rows], expected["heatmap"], atol=1e-4 * scale, rtol=0
         )
