@@ -1,26 +1,9 @@
 """A training loop for MultiWorkerMirroredStrategy that drives the model's own `train_step`.
 
-Keras 3 `Model.fit` does not support MultiWorkerMirroredStrategy
-(keras-team/keras issue 20585), so multi-worker training runs this loop instead.
-It has no step logic of its own: each step is `strategy.run(model.train_step)`
-inside a `tf.function`, as `fit` does, so both paths train the same objective.
-It also works with the single-machine strategies (tests use MirroredStrategy).
-
-Fault tolerance follows TensorFlow's multi-worker custom-loop pattern: every
-worker saves a checkpoint after each epoch (saving distributed variables may run
-collective ops, so all workers must take part), the chief into `checkpoint_dir`,
-the others into a temporary directory that is deleted right away. A restarted
-job restores the latest checkpoint (model, optimizer, random-generator state and
-the epoch counter) and continues with the next epoch. The epoch's callbacks (the
-CSV row) run before its checkpoint is saved: a kill between the two re-runs the
-epoch, and its row is dropped when the run resumes, so every epoch is logged once.
-
-Every epoch gets a fresh dataset from `dataset_fn(input_context, epoch)`, so a
-resumed run trains on the batches an uninterrupted run would, and ends with the
-same weights. SIGTERM (preemption) on any worker is all-reduced with the next
-step's metrics; then every worker saves a checkpoint that records the step, and
-`train` raises `callbacks.TrainingPreempted`. A restart resumes after that step
-(the epoch's dataset is rebuilt and its consumed batches skipped).
+Keras 3 `Model.fit` does not support MultiWorkerMirroredStrategy, so multi-worker
+training runs this loop: each step is `strategy.run(model.train_step)` in a
+`tf.function`, as in `fit`, so both paths train the same objective. Checkpoints
+after every epoch and on SIGTERM, and resuming from them: docs/distributed.md.
 """
 
 import os

@@ -1,20 +1,9 @@
 """Grad-CAM with `tf.GradientTape`, usable inside an outer tape (second order).
 
-Heatmaps are computed in float32 whatever the model's compute dtype, so
-second-order gradients stay finite under mixed precision. `METHODS`:
-
-  gradient_x_activation  docs/method.md's form, what CGC trains:
-                         cam[h, w] = ReLU(sum_k dz_c/dF[h, w, k] * F[h, w, k]).
-  gradcam                Selvaraju et al. 2017: channel weights are the spatial
-                         mean of dz_c/dF; cam = ReLU(sum_k alpha_k F[..., k]).
-  gradcam++              Chattopadhay et al. 2018, the closed-form alphas.
-  closed_form            ReLU(F . W[:, c]) / (h * w) for pooling + dense heads,
-                         where all of the above are equal; no gradient ops.
-
-Target layers are spatial [B, h, w, k] (h * w > 1) or token grids [B, N, D]
-(ViT-style: N = h * w patch tokens after up to two leading class/distillation
-tokens, which are dropped). The explained score is the logit z_c: for a model
-that ends in a softmax, the pre-softmax logits (`logits_output`).
+Heatmaps float32 [B, h, w] of the class logit z_c at a spatial [B, h, w, k] or
+token-grid [B, N, D] target layer, in float32 whatever the compute dtype (finite
+second-order gradients under mixed precision). `METHODS`, target layers and
+logits: docs/explain.md.
 """
 
 import math
@@ -382,7 +371,7 @@ def _foldable_pairs(model):
             output is None
             or id(output) in outputs
             or len(following) != 1
-            or type(following[0]) is not keras.layers.BatchNormalization
+            or not isinstance(following[0], keras.layers.BatchNormalization)
             or layer.activation not in (None, keras.activations.linear)
             or layer.data_format != "channels_last"
             or getattr(layer, "groups", 1) != 1

@@ -1,20 +1,7 @@
-"""Explanation metrics on tensors (docs/method.md, "How explanations are evaluated").
+"""Explanation metrics on tensors, one value per image (list: docs/evaluation.md).
 
-Every metric is batched and returns one value per image, so callers can average
-over a dataset (`cgc_tf.evaluation` does) or inspect single images:
-
-  * `content_heatmap`: percent of the heatmap mass inside the ground-truth boxes.
-  * `pointing_game`: whether the heatmap's maximum falls inside a box.
-  * `insertion_deletion_auc`: RISE causal metrics (Petsiuk et al., BMVC 2018).
-  * `consistency`: cosine and Pearson between cam(T(x)) and T(cam(x)).
-  * `top1_accuracy`: per-image top-1 correctness.
-  * `sparseness`, `max_sensitivity`, `road`, `randomization_sanity`: Gini
-    index, robustness, ROAD and the Adebayo et al. sanity check
-    (`cgc_tf.explanation_metrics`, re-exported here).
-
-Conventions (docs/architecture.md): images float32 [B, H, W, 3] in [0, 1];
-heatmaps float [B, H, W], non-negative, any scale; boxes float32 [B, N, 4]
-normalised [ymin, xmin, ymax, xmax], padded with rows of -1.
+Images float32 [B, H, W, 3] in [0, 1]; heatmaps float [B, H, W], non-negative, any
+scale; boxes float32 [B, N, 4] normalised [ymin, xmin, ymax, xmax], padded with -1 rows.
 """
 
 import keras
