@@ -1,4 +1,5 @@
-"""Tests of cgc_tf/data/sources.py: shard checks, dataset names, image folders."""
+"""Tests of cgc_tf/data/sources.py (with records.py and folder_source.py): shard checks,
+dataset names, image folders."""
 
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from cgc_tf.data import folder_source
 from cgc_tf.data import sources
 
 
@@ -68,7 +70,7 @@ class FolderTest(tf.test.TestCase):
         link = os.path.join(self.root, "train", "loop")
         os.symlink(self.root, link)
         self.addCleanup(os.unlink, link)
-        files, ignored = sources._list_images(os.path.join(self.root, "train"))
+        files, ignored = folder_source.list_images(os.path.join(self.root, "train"))
         self.assertEqual(
             [os.path.relpath(path, self.root) for path in files],
             ["train/cat/0.png", "train/cat/1.png", "train/dog/0.png", "train/dog/1.png",

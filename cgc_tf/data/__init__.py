@@ -1,10 +1,8 @@
 """Input pipelines of `cgc_tf`: tfds by name, image folders, views, subsets.
 
-Datasets (`dataset` argument): "cluttered_digits" (embedded, built offline on
-first use), "elpv" / "elpv_mono" / "elpv_poly" (solar cells from the optional
-package elpv-dataset, built offline on first use), any tensorflow-datasets name
-prepared in `data_dir` (never downloaded), or "folder:/root" (root/train/<class>/*,
-root/val|test/<class>/*).
+Dataset names: "cluttered_digits" (embedded), "elpv" (+ variants), a tfds name
+prepared in `data_dir` (never downloaded) or "folder:/root"; docs/data.md
+describes the sources, decoding, pipelines and views.
 
 Public API:
   DatasetInfo, dataset_info     classes, splits, bounding boxes of a dataset.
@@ -18,10 +16,7 @@ Public API:
   prepare_folder                an image folder written once as sharded tfds records
                                 (the `cgc-prepare` command), then read by name.
 
-Modules: `sources` (name resolution), `decode` (robust decoding and the corrupt
-file policy), `prepare` (folders to record files), `views` (docs/method.md views),
-`pipeline` (the builders). Importing this package registers the `cluttered_digits`
-and `elpv` tfds builders (`cgc_tf.data.cluttered_digits`, `cgc_tf.data.elpv`).
+Importing this package registers the `cluttered_digits` and `elpv` tfds builders.
 """
 
 from cgc_tf.data import cluttered_digits

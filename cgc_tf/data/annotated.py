@@ -1,30 +1,11 @@
 """Annotated evaluation images at their native resolution, for the paper's protocol.
 
-Two sources yield the same example dicts (`cgc_tf.paper_protocol` consumes them):
-
-  * `voc_folder_examples(root, class_names)`: the layout the CGC reference's
-    README asks for (TorchRay's `ImageNetDetection`): a flat folder of images
-    `root/val/*.JPEG` (or `.jpg`, `.jpeg`, `.png`, any case) and one Pascal-VOC
-    XML per image `root/annotation/<same stem>.xml`, as ImageNet's validation
-    boxes or CUB converted to VOC come.
-  * `tfds_examples(dataset, ...)`: a tfds dataset with a BBoxFeature (the
-    embedded cluttered digits), whose boxes belong to the image's label.
-
-Example dict: "name" (str), "image" uint8 [H, W, 3] (decoded, never resized),
-"label" int, "boxes" float32 [N, 4] normalised [ymin, xmin, ymax, xmax] in the
-image's frame, "box_labels" int32 [N] (the class of each box, -1 for a name not
-in the class list).
-
-XML reading follows TorchRay (`datasets.py`): the image's label is the class of
-its first `<object>`; a box `<bndbox>` holds 1-based inclusive pixel
-coordinates, so pixel columns xmin-1 .. xmax-1 are inside; the frame is the
-XML's `<size>`. A box in continuous coordinates is then [ymin - 1, xmin - 1,
-ymax, xmax] / size, whose mask (pixel centres inside, `metrics.boxes_to_mask`)
-is exactly those pixels. Class names map to label indices through
-`class_names` (ImageNet synsets such as n01440764, or a training folder's class
-folders); a name that is not in the list but starts with an integer and a dot
-or is an integer (CUB's "001.Black_footed_Albatross", "1") maps to that
-integer - 1, TorchRay's rule for non-synset names.
+`voc_folder_examples(root, class_names)` reads a flat image folder with one
+Pascal-VOC XML per image (the reference's TorchRay layout); `tfds_examples(...)`
+reads a tfds dataset with boxes. Both yield dicts: "name" str, "image" uint8
+[H, W, 3] (never resized), "label" int, "boxes" float32 [N, 4] normalised
+[ymin, xmin, ymax, xmax], "box_labels" int32 [N]. XML and class-name rules:
+docs/data.md (annotated images).
 """
 
 import os
@@ -100,7 +81,7 @@ def read_voc_annotation(path):
 
 
 def class_index(name, class_names):
-    """The label index of a class name (see the module docstring), or None.
+    """The label index of a class name (docs/data.md, annotated images), or None.
 
     Args:
       name: str, an XML `<name>`.

@@ -1,52 +1,10 @@
-"""Robust image decoding for the input pipelines.
+"""Robust image decoding for the input pipelines, and the corrupt-file policy.
 
-Every image of every source (image folders and tensorflow-datasets records) goes
-through `try_decode`, which returns a uint8 [H, W, 3] image and a success flag
-instead of raising, so the pipeline can either fail naming the file or skip it and
-count it. The behaviours below are tested in tests/decode_test.py.
-
-Formats and channels
-- Formats: JPEG, PNG, GIF (first frame), BMP and WebP: what `tf.io.decode_image`
-  reads. Folder listings keep files whose extension is in `IMAGE_EXTENSIONS`
-  (case-insensitive, e.g. `.JPG`); every other file (`.txt`, `.DS_Store`, `.tif`,
-  ...) and every hidden entry (name starting with ".") is ignored at listing time
-  and reported in one warning per split with a count per extension.
-- JPEGs use libjpeg's accurate integer IDCT (`dct_method="INTEGER_ACCURATE"`),
-  which gives the same pixels as PIL (TF's default fast IDCT differs by a few
-  levels).
-- Grayscale (1 channel, any format): replicated to 3 channels.
-- RGBA and grayscale+alpha: the alpha channel is dropped and the stored colour
-  values are kept, exactly as PIL's `convert("RGB")` in torchvision's ImageFolder,
-  the loader of the reference implementation, so both see the same pixels.
-- CMYK and YCCK JPEGs (including Adobe's inverted CMYK): converted to RGB by
-  libjpeg inside `tf.io.decode_jpeg`; the result matches PIL's conversion.
-- 16-bit PNGs: reduced to 8 bits by libpng, which keeps the high byte
-  (value // 256: 65535 -> 255, 32768 -> 128), so the full range maps onto the
-  full range, never clipped; the views then scale to float32 [0, 1].
-- Tiny images (smaller than the crop) are upscaled by the views' resize.
-- Huge JPEGs (e.g. 4000x3000) are decoded with libjpeg's DCT downscaling
-  (`ratio` 2, 4 or 8) when `min_short_side` allows it: the decoded short side stays
-  >= `min_short_side`, which the pipeline sets so the views lose no resolution.
-  This is several times faster than a full decode and keeps cached data small.
-  Other formats are always decoded at full size.
-
-Corrupt files
-- Corrupt means: not readable (missing, dangling symlink, permission denied), empty,
-  not one of the formats above (e.g. a text file named `x.jpg`), truncated, or
-  failing to decode. Symlinks to files and to folders are followed.
-- Default policy: fail fast. Folder datasets first run a validation pass when the
-  dataset is built (`validate_files`): a header check of every file (readable,
-  known magic bytes) and, when the files total at most `FULL_VALIDATION_MAX_BYTES`,
-  a full decode of every file in parallel with the pipeline's own decoder. Any
-  corrupt file raises a `ValueError` naming the files and the reasons. Files that
-  get past the validation (large datasets, or tfds records) fail inside the
-  tf.data graph with an `InvalidArgumentError` whose message names the file (or
-  the tfds record id).
-- `skip_corrupt_images=True`: corrupt files are dropped, logged as warnings and
-  recorded in a `CorruptImageCounter`: those found by the validation pass before
-  the first epoch, the others when the graph meets them. Each file counts once,
-  however many epochs or datasets see it, so `counter.count` after training is
-  the number of distinct skipped files.
+`try_decode` turns encoded bytes into uint8 [H, W, 3] plus a success flag
+instead of raising (grayscale, alpha, CMYK and 16-bit PNGs handled as PIL does;
+huge JPEGs DCT-downscaled), so a pipeline can fail naming a corrupt file or skip
+and count it (`CorruptImageCounter`); `validate_files` checks a folder up front.
+Formats, channel rules and the policy: docs/data.md (decoding and corrupt files).
 """
 
 import concurrent.futures

@@ -1,33 +1,9 @@
 """The public tf.data builders: training, evaluation, unlabelled, semi-supervised.
 
-Every builder: resolve the dataset name (`sources`), read records, decode in
-parallel (`decode`, num_parallel_calls=AUTOTUNE, deterministic order), compute the
-views (`views`), batch, prefetch(AUTOTUNE). Only decoding and the views run in
-tf.data; the CGC transform T happens in the model.
-
-Caching rule: the decoded (uint8, not augmented) images are cached in memory when
-their estimated total size is at most `CACHE_MAX_BYTES` (200 MiB). The estimate is
-exact for datasets with a fixed image shape (e.g. `cluttered_digits`) and for image
-folders that got the full-decode validation pass (at most 200 MiB of files); for
-other tfds datasets it is the mean decoded size of the first 16 images times the
-number of examples; folders above the validation limit are never cached. Cached
-data are shuffled after the cache (buffer min(shuffle_buffer, examples)); otherwise
-the undecoded records are shuffled (all paths for folders; file order plus a
-`shuffle_buffer` of encoded records for tfds) and then decoded.
-
-Decoding resolution: JPEGs are decoded with libjpeg's DCT downscaling down to the
-smallest short side the views need (`views.min_decoded_side`): the deterministic
-view alone needs less than the classification view, so for a very large JPEG the
-training and evaluation pipelines may decode at different scales and their
-deterministic views then differ by resampling noise.
-
-Sharding (several input pipelines, e.g. one per worker): `num_shards` and
-`shard_index` split the records before decoding (`sources`: file lists for
-folders, record ranges for tfds), so each pipeline decodes only its share.
-
-Randomness: `seed` fixes the per-class subset, the shuffling order of every epoch
-and the classification-view crops; shuffling and crops change from epoch to epoch
-(`reshuffle_each_iteration`, `Dataset.random(rerandomize_each_iteration=True)`).
+Each resolves the dataset name (`sources`), reads records, decodes in parallel
+(`decode`), computes the views (`views`), batches and prefetches; T is applied in
+the model, not here. Images are float32 [B, S, S, 3] in [0, 1]. Caching,
+sharding and randomness rules: docs/data.md (pipelines).
 """
 
 import numbers

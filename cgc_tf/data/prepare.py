@@ -1,34 +1,10 @@
-"""Image folders to sharded tensorflow-datasets records, prepared once.
+"""Image folders to sharded tensorflow-datasets records, prepared once (`cgc-prepare`).
 
-`prepare_folder` (the `cgc-prepare` command) reads a `folder:/root` layout
-(root/train/<class>/*, root/val|validation|test/<class>/*) and writes a tfds
-dataset `name` into `data_dir`: per split, TFRecord shards of about
-`shard_mib` MiB holding each file's encoded bytes unchanged (JPEG, PNG, ... are
-never re-encoded), its label and its path relative to the split folder. Training
-then reads it like any prepared tfds dataset, `--dataset=name --data_dir=...`
-(`cgc_tf.data.sources.TfdsSource`): the record files are read with a parallel
-`interleave` (num_parallel_calls=AUTOTUNE, deterministic when seeded), and each
-worker of a multi-worker run reads only the record ranges of its share.
-
-Listing, class ids and the corrupt-file policy are those of the folder source
-(`cgc_tf.data.sources.FolderSource`, `cgc_tf.data.decode`): class ids are the
-sorted class folders of train; an empty class folder in train is an error; a
-corrupt file raises a ValueError naming it, or with `skip_corrupt_images=True`
-is left out, logged and listed in the dataset's metadata.json (`skipped`).
-
-Guarantees:
-- Deterministic: the same folder gives byte-identical record files (examples are
-  keyed by their relative path; tfds orders them by a hash of the key).
-- Interruption-safe: tfds writes into `<name>/<version>.incomplete<random>` and
-  renames it when every split is complete; a failed run removes it, a killed run
-  leaves it behind, never a visible half dataset. Running again redoes the whole
-  preparation (`overwrite=True` also replaces a complete one).
-- Recorded: class names (the `label` ClassLabel), per-split counts
-  (`dataset_info.json`), the source root and skipped files (`metadata.json`).
-
-We write a builder rather than use `tfds.folder_dataset.ImageFolder`, which
-reads folders at run time (no record files) and decodes with a fixed 3-channel
-image feature (see `cgc_tf.data.sources`).
+`prepare_folder` writes a `folder:/root` layout as a tfds dataset in `data_dir`
+(encoded bytes unchanged, label, relative path), deterministic and
+interruption-safe; training then reads it by name like any prepared tfds
+dataset, each worker only its record ranges. Guarantees: docs/data.md
+(preparing an image folder as records).
 """
 
 import dataclasses
@@ -211,7 +187,7 @@ def prepare_folder(root, name, data_dir, shard_mib=DEFAULT_SHARD_MIB, num_shards
       `builder.data_dir`: where the record files are).
 
     Raises:
-      ValueError: bad arguments, layout or corrupt files (see the module docstring).
+      ValueError: bad arguments, layout or corrupt files (docs/data.md).
     """
     check_name(name)
     if not isinstance(shard_mib, (int, float)) or isinstance(shard_mib, bool) or shard_mib <= 0:

@@ -1,20 +1,10 @@
 """The views of docs/method.md computed in tf.data, one example at a time.
 
-- Deterministic view `x_orig`: resize (bilinear) so the short side is
-  `round(S * 256 / 224)`, then centre crop S x S. Bounding boxes follow the same
-  resize and crop (`deterministic_view_boxes`).
-- Classification view `x_xe`: random resized crop of the decoded image with area
-  fraction in [0.08, 1] and aspect ratio in [3/4, 4/3], resized to S x S, then a
-  horizontal flip with probability 0.5.
-
-The CGC transform T (`x_aug = T(x_orig)`) is not here: the model samples it so it
-can warp the heatmaps with the same parameters.
-
-These use `tf.image` ops rather than `cgc_tf.resample.crop_flip_resize`: that op
-works on batches of equally sized images without anti-aliasing (it is built for
-XLA inside the model), while decoded images here have individual sizes, may be
-much larger than S (anti-aliased downscaling matters) and tf.data runs on the host
-where XLA is irrelevant.
+Deterministic view `x_orig`: resize the short side to round(S * 256 / 224), then
+centre crop S x S (boxes follow). Classification view `x_xe`: random resized crop
+(area [0.08, 1], aspect [3/4, 4/3]) to S x S and a random horizontal flip. T is
+sampled by the model, not here. Why `tf.image` rather than `cgc_tf.resample`:
+docs/data.md (views).
 """
 
 import math

@@ -1,10 +1,11 @@
 """The embedded default dataset `cluttered_digits` (a tensorflow-datasets builder).
 
 Importing this package registers the `cluttered_digits` builder with tfds, so
-`tfds.load("cluttered_digits", data_dir=...)` works afterwards. See
-`cluttered_digits.py` and `README.md` next to it for the content, the splits
-(train: 5,748 examples of 1,437 source digits; test: 720 examples of 360 other
-source digits) and the determinism guarantees.
+`tfds.load("cluttered_digits", data_dir=...)` works afterwards. Modules:
+`canvas` (renders one example in NumPy), `cluttered_digits` (the builder);
+`README.md` beside them describes the content, the splits (train: 5,748
+examples of 1,437 source digits; test: 720 of 360 other digits) and the
+determinism guarantees.
 
 Example:
 
@@ -15,10 +16,15 @@ Example:
         image, label = example["image"], example["label"]  # uint8 [48, 48, 3], int64 []
 """
 
+from cgc_tf.data.cluttered_digits import canvas
+from cgc_tf.data.cluttered_digits.canvas import (
+    MIN_IMAGE_SIZE,
+    render_example,
+    validate_image_size,
+)
 from cgc_tf.data.cluttered_digits.cluttered_digits import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SEED,
-    MIN_IMAGE_SIZE,
     HOLDOUT_EVERY,
     PLACEMENTS_PER_DIGIT,
     ClutteredDigits,
@@ -27,9 +33,7 @@ from cgc_tf.data.cluttered_digits.cluttered_digits import (
     generate_example,
     holdout_source_indices,
     load_source_digits,
-    render_example,
     split_source_indices,
-    validate_image_size,
 )
 
 DATASET_NAME = "cluttered_digits"
@@ -44,6 +48,7 @@ __all__ = [
     "ClutteredDigits",
     "ClutteredDigitsConfig",
     "builder",
+    "canvas",
     "config_for_size",
     "generate_example",
     "holdout_source_indices",
@@ -69,7 +74,7 @@ def builder(data_dir=None, image_size=DEFAULT_IMAGE_SIZE, holdout=False):
         configs `size48` / `size64`; any other size uses a custom config named
         f"size{image_size}".
       holdout: bool; True prepares the holdout config f"size{image_size}_holdout"
-        (splits train / validation / test, see `cluttered_digits.py`).
+        (splits train / validation / test, see README.md).
 
     Returns:
       A `ClutteredDigits` builder whose data is ready for `as_dataset`.

@@ -1,21 +1,12 @@
-"""The `elpv` dataset: electroluminescence images of solar cells (real photographs).
+"""The tfds builder of `elpv`: electroluminescence images of solar cells (real photographs).
 
-The 2,624 cell images of the PyPI package `elpv-dataset` (Deitsch et al., data
-licence CC BY-NC-SA 4.0), 300x300 8-bit grayscale PNGs, each with an expert's
-defect probability in {0, 1/3, 2/3, 1} and the cell type (mono- or
-polycrystalline). The images are read from the installed package when the
-dataset is prepared and stored byte for byte; nothing is downloaded.
-
-Task: defective (defect probability >= 1/2) vs functional (< 1/2), see
-README.md for why. The four-level probability stays available as a feature.
-
-Splits are stratified by (probability level, cell type), 8 strata: in every
-stratum a fixed permutation (`numpy.random.default_rng([DEFAULT_SEED,
-stratum])`) sends round(n / 4) cells to `test`, the rest to `train`. Holdout
-configs split `train` again the same way: round(n_train / 5) of every stratum's
-train cells (`default_rng([DEFAULT_SEED, 8 + stratum])`) go to `validation`.
-Configs restricted to one cell type (`mono`, `poly`) keep exactly that type's
-cells of each split.
+What: the 2,624 cells of the PyPI package `elpv-dataset` (Deitsch et al., CC
+BY-NC-SA 4.0), 300x300 uint8 grayscale [300, 300, 1], stored byte for byte from
+the installed package (nothing downloaded); label defective (defect probability
+>= 1/2) vs functional, the four-level probability kept as a feature. Splits are
+stratified by (probability level, cell type) with fixed seeds; `mono` / `poly`
+configs keep one cell type. Why, and the exact split rule: README.md beside
+this module.
 """
 
 from __future__ import annotations
