@@ -61,6 +61,18 @@ class CGCModelTest(testing_base.TestCase):
         self.assertLess(history["ce_loss"][-1], history["ce_loss"][0])
         self.assertLess(history["cgc_loss"][-1], history["cgc_loss"][0])
         self.assertTrue(np.all(np.isfinite(history["loss"])))
+        # Every batch holds 8 examples, so the epoch means add up as each step's
+        # terms do: loss = ce_loss + lambda_ * cgc_loss.
+        self.assertAllClose(
+            history["loss"], np.add(history["ce_loss"], 1.0 * np.array(history["cgc_loss"])),
+            atol=1e-5,
+        )
+        # The trained weights: evaluation's CE is the CE of their predictions.
+        results = model.evaluate(self._dataset(), verbose=0, return_dict=True)
+        expected = keras.losses.sparse_categorical_crossentropy(
+            self.labels, model.predict(self.images, verbose=0), from_logits=True
+        )
+        self.assertAllClose(results["ce_loss"], float(tf.reduce_mean(expected)), atol=1e-5)
 
     def test_evaluate_reports_losses(self):
         model = _model()
@@ -75,12 +87,22 @@ class CGCModelTest(testing_base.TestCase):
         self.assertAllClose(results["ce_loss"], float(tf.reduce_mean(expected)), atol=1e-4)
 
     def test_dict_batches_with_classification_view(self):
-        model = _model(views=3)
+        # T = a horizontal flip; the pipeline's x_xe a vertical one (not a view T makes).
+        flip = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        model = _model(views=3, augmentation=flip, lambda_=0.7, temperature=0.3)
         model.compile(optimizer="sgd")
-        images = tf.constant(self.images[:8])
-        batch = ({"image": images, "classification_view": images[:, :, ::-1]}, self.labels[:8])
+        images = tf.constant(self.images[:4])
+        batch = ({"image": images, "classification_view": images[:, ::-1]}, self.labels[:4])
+        expected = _objective_by_hand(
+            model.backbone, "labelled", 3, (images, images[:, ::-1], self.labels[:4], None),
+            lambda_=0.7, temperature=0.3, training=True,
+        )
         logs = model.train_on_batch(*batch, return_dict=True)
         self.assertTrue(np.isfinite(logs["loss"]))
+        for key, value in zip(("loss", "ce_loss", "cgc_loss"), expected):
+            self.assertAllClose(logs[key], value, atol=1e-5, msg=key)
 
     def test_unlabelled_and_semi_supervised_batches(self):
         model = _model()
@@ -89,10 +111,15 @@ class CGCModelTest(testing_base.TestCase):
         history = model.fit(unlabelled, epochs=1, verbose=0).history
         self.assertEqual(history["ce_loss"], [0.0])
         self.assertGreater(history["cgc_loss"][0], 0.0)
+        # lambda_ = 0.5; batches of equal size, so the epoch means add up as the terms.
+        self.assertAllClose(history["loss"][0], 0.5 * history["cgc_loss"][0], atol=1e-6)
         semi = tf.data.Dataset.zip((self._dataset(), unlabelled))
         history = model.fit(semi, epochs=1, verbose=0).history
         self.assertGreater(history["ce_loss"][0], 0.0)
         self.assertGreater(history["cgc_loss"][0], 0.0)
+        self.assertAllClose(
+            history["loss"][0], history["ce_loss"][0] + 0.5 * history["cgc_loss"][0], atol=1e-5
+        )
 
     def test_semi_supervised_labelled_ce_views(self):
         """views=3: the classification view; views=2: T(x_l); evaluation: x_l."""
@@ -124,28 +151,53 @@ class CGCModelTest(testing_base.TestCase):
         deterministic = cgc_tf.PairedAugmentation(
             area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
         )
+        images = (self.images[:4], None, self.labels[:4], None)
         weights = []
         for consistency in ("contrastive", "mse"):
             model = _model(views=2, augmentation=deterministic, lambda_=0.0, consistency=consistency)
             model.compile(optimizer=keras.optimizers.SGD(0.1))
-            logs = model.train_on_batch(self.images[:8], self.labels[:8], return_dict=True)
+            variables = model.trainable_weights
+            before = [w.numpy() for w in variables]
+            with tf.GradientTape() as tape:
+                total, ce, cgc = _objective_by_hand(
+                    model.backbone, "labelled", 2, images, 0.0, 0.5, training=True
+                )
+            gradients = tape.gradient(total, variables)
+            logs = model.train_on_batch(self.images[:4], self.labels[:4], return_dict=True)
             self.assertGreater(logs["cgc_loss"], 0.0)
             self.assertAllClose(logs["loss"], logs["ce_loss"])
-            weights.append([w.numpy() for w in model.trainable_weights])
+            self.assertAllClose(logs["ce_loss"], ce, atol=1e-5)
+            if consistency == "contrastive":
+                self.assertAllClose(logs["cgc_loss"], cgc, atol=1e-5)
+            # One SGD step on CE(x_orig) + CE(T(x_orig)) alone.
+            for variable, value, gradient in zip(variables, before, gradients, strict=True):
+                self.assertAllClose(variable, value - 0.1 * gradient, atol=1e-6, msg=variable.path)
+            weights.append([w.numpy() for w in variables])
         for first, second in zip(*weights):
             self.assertAllClose(first, second, atol=1e-6)
 
     def test_consistency_changes_the_step(self):
         deterministic = cgc_tf.PairedAugmentation(
-            area_range=(0.5, 0.5), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
         )
         kernels = []
         for lambda_ in (0.0, 1.0):
+            # Both models start from tiny_convnet's seeded weights.
             model = _model(views=2, augmentation=deterministic, lambda_=lambda_)
             model.compile(optimizer=keras.optimizers.SGD(0.1))
-            model.train_on_batch(self.images[:8], self.labels[:8])
+            if lambda_:
+                kernel = model.backbone.get_layer("conv1").kernel
+                with tf.GradientTape() as tape:
+                    cgc = _objective_by_hand(
+                        model.backbone, "labelled", 2,
+                        (self.images[:4], None, self.labels[:4], None), lambda_, 0.5, True,
+                    )[2]
+                cgc_gradient = tape.gradient(cgc, kernel).numpy()
+            model.train_on_batch(self.images[:4], self.labels[:4])
             kernels.append(model.backbone.get_layer("conv1").kernel.numpy())
         self.assertGreater(np.max(np.abs(kernels[0] - kernels[1])), 1e-7)
+        # SGD is linear in the gradient: the CE parts cancel, lambda_ * lr * dcgc remains.
+        self.assertAllClose(kernels[1] - kernels[0], -0.1 * 1.0 * cgc_gradient, atol=1e-6)
 
     def test_trainable_variables_are_not_duplicated(self):
         model = _model()
@@ -240,15 +292,28 @@ class CGCModelTest(testing_base.TestCase):
         backbone = keras.applications.MobileNetV2(
             input_shape=(32, 32, 3), weights=None, classes=3, classifier_activation=None, alpha=0.35
         )
-        model = cgc_tf.CGCModel(backbone)
+        # T = a horizontal flip, so the objective can be written out below.
+        flip = cgc_tf.PairedAugmentation(
+            area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), flip_probability=1.0
+        )
+        model = cgc_tf.CGCModel(backbone, augmentation=flip, lambda_=0.5, temperature=0.5)
         # At 32x32 "out_relu" is 1x1, a constant heatmap: the last map with more
         # than one position is chosen.
         self.assertEqual(model.target_layer, "block_13_pad")
         self.assertEqual(tuple(backbone.get_layer("out_relu").output.shape[1:3]), (1, 1))
         model.compile(optimizer="sgd")
         images = tf.image.resize(self.images[:4], (32, 32))
-        logs = model.train_on_batch(images, self.labels[:4], return_dict=True)
+        x_xe = images[:, ::-1]
+        # Before the step (its weights): BatchNorm in training mode uses batch statistics.
+        expected = _objective_from_forward(
+            model.backbone, model.target_layer, images, x_xe, self.labels[:4], 0.5, 0.5
+        )
+        logs = model.train_on_batch(
+            {"image": images, "classification_view": x_xe}, self.labels[:4], return_dict=True
+        )
         self.assertTrue(np.isfinite(logs["loss"]))
+        for key, value in zip(("loss", "ce_loss", "cgc_loss"), expected):
+            self.assertAllClose(logs[key], value, rtol=1e-4, atol=1e-4, msg=key)
         self.assertEqual(model.explain(images)["heatmap"].shape, (4, 32, 32))
 
     def test_invalid_arguments(self):
@@ -322,6 +387,68 @@ def _objective_by_hand(backbone, kind, views, images, lambda_, temperature, trai
         ce, cgc = cross_entropy(x_orig), info_nce(x_orig)
         if training:
             ce += cross_entropy(x_orig[:, :, ::-1]) + (cross_entropy(x_xe) if views == 3 else 0.0)
+    return ce + lambda_ * cgc, ce, cgc
+
+
+def _bilinear_matrix(size_out, size_in):
+    """[size_out, size_in] weights of tf.image.resize's bilinear (half-pixel) resampling."""
+    source = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+    lower = np.floor(source).astype(int)
+    upper = np.minimum(lower + 1, size_in - 1)
+    matrix = np.zeros((size_out, size_in))
+    matrix[np.arange(size_out), lower] += 1.0 - (source - lower)
+    matrix[np.arange(size_out), upper] += source - lower
+    return matrix
+
+
+def _objective_from_forward(backbone, target_layer, x_orig, x_xe, labels, lambda_, temperature):
+    """(total, ce, cgc) of one views=3 labelled step with T = a horizontal flip, in numpy.
+
+    Any backbone: only the forward passes (training mode) and dz_c/dF come from
+    TensorFlow; Grad-CAM as gradient x activation, the bilinear upsampling, the
+    normalisations, InfoNCE over the other anchors and the cross-entropies are
+    written out here.
+    """
+    extractor = keras.Model(
+        backbone.inputs, [backbone.get_layer(target_layer).output, backbone.outputs[0]]
+    )
+    labels = np.asarray(labels)
+    height, width = x_orig.shape[1:3]
+
+    def forward(images, class_index=None):
+        with tf.GradientTape() as tape:
+            features, logits = extractor(images, training=True)
+            if class_index is None:
+                class_index = np.argmax(logits.numpy(), axis=-1)
+            score = tf.reduce_sum(tf.gather(logits, class_index, axis=1, batch_dims=1))
+        gradients = tape.gradient(score, features).numpy().astype(np.float64)
+        cam = np.maximum(np.sum(gradients * features.numpy(), axis=-1), 0.0)
+        rows = _bilinear_matrix(height, cam.shape[1])
+        columns = _bilinear_matrix(width, cam.shape[2])
+        cam = np.einsum("Hh,bhw,Ww->bHW", rows, cam, columns)
+        cam = cam / (cam.sum(axis=(1, 2), keepdims=True) + 1e-8) + 1e-8
+        return np.asarray(logits, np.float64), cam, class_index
+
+    def cross_entropy(logits):
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return -np.mean(log_softmax[np.arange(len(labels)), labels])
+
+    def flat(cam):
+        flat = cam.reshape(len(cam), -1)
+        return flat / np.linalg.norm(flat, axis=-1, keepdims=True)
+
+    logits_orig, cam_orig, class_index = forward(x_orig)
+    logits_aug, cam_aug, _ = forward(x_orig[:, :, ::-1], class_index)
+    logits_xe = np.asarray(backbone(x_xe, training=True), np.float64)
+    anchors, positives = flat(cam_aug), flat(cam_orig[:, :, ::-1])
+    similarities = anchors @ anchors.T / temperature
+    np.fill_diagonal(similarities, -np.inf)
+    positive = np.sum(anchors * positives, axis=-1) / temperature
+    every = np.concatenate([positive[:, None], similarities], axis=1)
+    largest = every.max(axis=1)
+    cgc = np.mean(largest + np.log(np.exp(every - largest[:, None]).sum(axis=1)) - positive)
+    ce = cross_entropy(logits_orig) + cross_entropy(logits_aug) + cross_entropy(logits_xe)
     return ce + lambda_ * cgc, ce, cgc
 
 
