@@ -1,13 +1,13 @@
 """Keras callbacks of `cgc_tf.training`: failure handling, resumable logs, heatmaps.
 
-What: `StopOnNonFiniteLoss`, `PreemptibleBackupAndRestore`, `AtomicModelCheckpoint`,
-`atomic_write_path`, `ResumableCSVLogger`, `LearningRateLogger`, `EpochSummaries`,
-`HeatmapSummary`. Why: Keras's own callbacks save NaN weights after `TerminateOnNaN`,
-leave torn checkpoints when killed and need the `tensorboard` package for summaries;
-docs/robustness.md describes what each of these does instead.
+What: `StopOnNonFiniteLoss`, `PreemptibleBackupAndRestore`, `AtomicModelCheckpoint`
+(both write through `model_dir.atomic_write_path`), `ResumableCSVLogger`,
+`LearningRateLogger`, `EpochSummaries`, `HeatmapSummary`. Why: Keras's own callbacks
+save NaN weights after `TerminateOnNaN`, leave torn checkpoints when killed and need
+the `tensorboard` package for summaries; docs/robustness.md describes what each of
+these does instead.
 """
 
-import contextlib
 import csv
 import fnmatch
 import json
@@ -23,6 +23,8 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from cgc_tf import visualize
+from cgc_tf.model_dir import atomic_write_path
+from cgc_tf.model_dir import remove_if_exists
 
 LOSS_KEYS = ("loss", "ce_loss", "cgc_loss")
 
@@ -76,67 +78,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             lines.append("Likely causes:")
             lines.extend(f"  - {suggestion}" for suggestion in self.suggestions)
         raise NonFiniteLossError("\n".join(lines))
-
-
-def _remove_if_exists(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync(path):
-    """Flushes the file or directory `path` to disk (POSIX only; elsewhere a no-op)."""
-    if os.name != "posix":
-        return  # Windows cannot fsync a directory or a read-only descriptor.
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _commit(temporary_path, path):
-    """Renames the complete file `temporary_path` to `path` in one atomic step.
-
-    The fsyncs make the rename durable across a power loss too (a SIGKILL alone
-    loses nothing the process wrote: the data is already in the page cache).
-    """
-    _fsync(temporary_path)
-    os.replace(temporary_path, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
-
-
-@contextlib.contextmanager
-def atomic_write_path(path):
-    """Yields a temporary path beside `path`; a block that ends normally replaces `path` with it.
-
-    Readers of `path` see either the previous complete file or the new complete
-    one, whenever the process is killed. The temporary name keeps the suffix
-    after the first dot of the file name ("last_epoch.keras" ->
-    "last_epoch.partial.keras"), so Keras's suffix checks still pass. A temporary
-    file left by an earlier kill is deleted first; a block that raises deletes
-    its own.
-
-    Args:
-      path: the destination file; its directory is created if needed.
-
-    Yields:
-      str: where to write the new file.
-    """
-    directory, name = os.path.split(path)
-    stem, _, suffix = name.partition(".")
-    temporary_path = os.path.join(directory, f"{stem}.partial.{suffix}")
-    os.makedirs(directory or ".", exist_ok=True)
-    # A fresh inode: a leftover may be a hard link to a committed file, which
-    # writing in place would change.
-    _remove_if_exists(temporary_path)
-    try:
-        yield temporary_path
-    except BaseException:
-        _remove_if_exists(temporary_path)
-        raise
-    _commit(temporary_path, path)
 
 
 class AtomicModelCheckpoint(keras.callbacks.Callback):
@@ -262,7 +203,7 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
                 shutil.copyfile(weights_path, temporary_path)
         for stale in fnmatch.filter(os.listdir(self.backup_dir), "epoch-*.weights.h5"):
             if stale != weights_file:
-                _remove_if_exists(os.path.join(self.backup_dir, stale))
+                remove_if_exists(os.path.join(self.backup_dir, stale))
 
     @classmethod
     def read_metadata(cls, backup_dir):

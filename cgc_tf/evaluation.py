@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from cgc_tf import metrics as metrics_lib
+from cgc_tf import model_dir as layout
 from cgc_tf import visualize
 from cgc_tf.model import CGCModel
 
@@ -41,8 +42,6 @@ PER_IMAGE_METRICS = (
 HIGHER_IS_BETTER = {name: name != "deletion_auc" for name in PER_IMAGE_METRICS}
 # This module's protocol, recorded beside its numbers ("paper": cgc_tf.paper_protocol).
 PROTOCOL = "cgc_tf"
-MODEL_FILENAME = "model.keras"
-CONFIG_FILENAME = "config.json"
 
 
 def as_explainer(model):
@@ -170,35 +169,22 @@ def load_model(path):
     Raises:
       ValueError: if `path` is none of these.
     """
-    candidate = path
-    if os.path.isdir(path):
-        candidate = os.path.join(path, MODEL_FILENAME)
-        if not os.path.isfile(candidate):
-            saved_model = _saved_model_dir(path)
-            if saved_model is not None:
-                return SavedModelExplainer(saved_model)
-            found = sorted(os.listdir(path))[:20]
-            raise ValueError(
-                f"model={path!r} is a directory without {MODEL_FILENAME} or a SavedModel; pass "
-                f"a .keras file, a model_dir written by cgc-train or a cgc-export folder (it "
-                f"contains {found})"
-            )
-    elif not (os.path.isfile(path) and path.endswith(".keras")):
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, layout.MODEL_FILE)):
+        saved_model = _saved_model_dir(path)
+        if saved_model is not None:
+            return SavedModelExplainer(saved_model)
+        found = sorted(os.listdir(path))[:20]
         raise ValueError(
-            f"model={path!r} is neither a .keras file nor a model_dir containing {MODEL_FILENAME}"
+            f"model={path!r} is a directory without {layout.MODEL_FILE} or a SavedModel; pass "
+            f"a .keras file, a model_dir written by cgc-train or a cgc-export folder (it "
+            f"contains {found})"
         )
-    # Importing cgc_tf registered CGCModel and PairedAugmentation for deserialisation.
-    return keras.saving.load_model(candidate, compile=False)
+    return layout.load_model(path)
 
 
 def read_model_dir_config(path):
     """The dict of `config.json` beside a model (model_dir or its model.keras), or {}."""
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    config_path = os.path.join(directory, CONFIG_FILENAME)
-    if not os.path.isfile(config_path):
-        return {}
-    with open(config_path) as file:
-        return json.load(file)
+    return layout.read_config(path)
 
 
 def _unpack_batch(batch):

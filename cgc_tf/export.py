@@ -38,6 +38,7 @@ import tensorflow as tf
 
 import cgc_tf
 from cgc_tf import export_verification as verification
+from cgc_tf import model_dir as layout
 from cgc_tf import serving
 from cgc_tf.model import CGCModel
 
@@ -52,8 +53,6 @@ MIN_OPSET = 13
 DEFAULT_TOLERANCE = verification.DEFAULT_TOLERANCE
 VerificationError = verification.VerificationError
 format_summary = verification.format_summary
-MODEL_FILENAME = "model.keras"
-CONFIG_FILENAME = "config.json"
 ONNX_FILENAME = "model.onnx"
 REPORT_FILENAME = "export_report.json"
 METADATA_FILENAME = "metadata.json"
@@ -73,19 +72,12 @@ def load_model(model_path):
     Raises:
       ValueError: if the path is neither, or does not hold a `CGCModel`.
     """
-    path = os.fspath(model_path)
-    if os.path.isdir(path):
-        path = os.path.join(path, MODEL_FILENAME)
-    if not (path.endswith(".keras") and os.path.isfile(path)):
-        raise ValueError(
-            f"model_path={os.fspath(model_path)!r} must be a '.keras' file or a model_dir "
-            f"containing {MODEL_FILENAME!r}; no such file {path!r}"
-        )
-    model = keras.saving.load_model(path)
+    model = layout.load_model(model_path)
     if not isinstance(model, CGCModel):
         raise ValueError(
-            f"model_path={path!r} holds a {type(model).__name__}, not a cgc_tf.CGCModel; wrap "
-            "a classifier with cgc_tf.CGCModel(backbone, target_layer=...) before saving it"
+            f"model_path={layout.model_file(model_path)!r} holds a {type(model).__name__}, not "
+            "a cgc_tf.CGCModel; wrap a classifier with cgc_tf.CGCModel(backbone, "
+            "target_layer=...) before saving it"
         )
     return model
 
@@ -100,7 +92,7 @@ def default_export_dir(model_path):
     """`<model_dir>/export` for a model_dir, `<folder of the file>/export` for a .keras file."""
     path = os.fspath(model_path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return os.path.join(folder, "export")
+    return os.path.join(folder, layout.EXPORT_DIR)
 
 
 def export_from_path(
@@ -130,7 +122,7 @@ def export_from_path(
     model = load_model(model_path)
     class_names = read_class_names(class_names_file) if class_names_file else None
     extra = {"source": os.path.abspath(os.fspath(model_path))}
-    config_path = os.path.join(os.fspath(model_path), CONFIG_FILENAME)
+    config_path = os.path.join(os.fspath(model_path), layout.CONFIG_FILE)
     if os.path.isdir(os.fspath(model_path)) and os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             extra["training_config"] = json.load(f)
@@ -212,7 +204,7 @@ def export_model(
         )
         report.update(export_dir=export_dir, version=version)
         if not report["passed"]:
-            _write_json(os.path.join(export_dir, REPORT_FILENAME), report)
+            layout.write_json(os.path.join(export_dir, REPORT_FILENAME), report)
             raise VerificationError(verification.failure_message(report, tolerance), report)
         if SAVED_MODEL in formats:
             if os.path.exists(version_dir):
@@ -223,7 +215,7 @@ def export_model(
             onnx_path = os.path.join(export_dir, ONNX_FILENAME)
             os.replace(os.path.join(staging, ONNX_FILENAME), onnx_path)
             report["onnx_path"] = onnx_path
-        _write_json(os.path.join(export_dir, REPORT_FILENAME), report)
+        layout.write_json(os.path.join(export_dir, REPORT_FILENAME), report)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -304,18 +296,6 @@ def _metadata(model, functions, class_names, version, formats, extra_metadata):
     return metadata
 
 
-def _write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def write_saved_model(functions, metadata, path):
     """Writes the SavedModel with every signature and assets.extra/metadata.json.
 
@@ -339,7 +319,7 @@ def write_saved_model(functions, metadata, path):
     archive.write_out(path, verbose=False)
     extra = os.path.join(path, "assets.extra")
     os.makedirs(extra, exist_ok=True)
-    _write_json(os.path.join(extra, METADATA_FILENAME), metadata)
+    layout.write_json(os.path.join(extra, METADATA_FILENAME), metadata)
 
 
 def onnx_model(concrete_function, opset=DEFAULT_OPSET):

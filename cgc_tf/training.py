@@ -56,18 +56,13 @@ from cgc_tf import data
 from cgc_tf import distribute
 from cgc_tf import evaluation as evaluation_lib
 from cgc_tf import explainers
+from cgc_tf import model_dir as layout
 from cgc_tf import optimizers
 from cgc_tf import run_lock
 from cgc_tf.schedules import LinearWarmup
 from cgc_tf.augment import PairedAugmentation
 from cgc_tf.model import CGCModel
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.keras"
-# The final backbone alone, loadable as another run's `init_weights`.
-BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
-METRICS_FILE = "metrics.json"
-LOG_FILE = "log.csv"
 # Explanation metrics printed at the end of a run (all are in metrics.json).
 HEADLINE_METRICS = (
     "content_heatmap_percent",
@@ -76,13 +71,6 @@ HEADLINE_METRICS = (
     "insertion_auc",
     "deletion_auc",
 )
-CHECKPOINT_DIR = "checkpoints"
-BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
-EPOCH_MODEL_FILE = os.path.join(CHECKPOINT_DIR, "last_epoch.keras")
-MULTI_WORKER_DIR = os.path.join(CHECKPOINT_DIR, "multi_worker")
-TENSORBOARD_DIR = "tensorboard"
-LABELLED_SUBSET_FILE = "labelled_subset.json"
-INPUT_STATS_DIR = "input_stats"
 HEATMAP_IMAGES = 8
 
 # Fields that shape the model's and optimizer's variables: a checkpoint written
@@ -245,24 +233,26 @@ def _check_resumable(config, model_dir, say):
     # The metadata is written first: a kill before latest.weights.h5 appears
     # still leaves a fit checkpoint whose config must be checked.
     fit_state = any(
-        os.path.exists(os.path.join(model_dir, BACKUP_DIR, name))
+        os.path.exists(os.path.join(model_dir, layout.BACKUP_DIR, name))
         for name in ("latest.weights.h5", callbacks_lib.PreemptibleBackupAndRestore.METADATA_FILE)
     )
-    multi_worker_state = custom_loop.completed_epochs(os.path.join(model_dir, MULTI_WORKER_DIR)) > 0
+    multi_worker_dir = os.path.join(model_dir, layout.MULTI_WORKER_DIR)
+    multi_worker_state = custom_loop.completed_epochs(multi_worker_dir) > 0
     if config.strategy == "multi_worker" and fit_state and not multi_worker_state:
         raise ConfigurationError(
-            f"model_dir={model_dir!r} holds the checkpoint of a Keras fit run ({BACKUP_DIR}/), "
-            "which strategy='multi_worker' cannot resume; resume it with the strategy it was "
-            "started with, or use another model_dir or resume=False (--noresume) to start over"
+            f"model_dir={model_dir!r} holds the checkpoint of a Keras fit run "
+            f"({layout.BACKUP_DIR}/), which strategy='multi_worker' cannot resume; resume it "
+            "with the strategy it was started with, or use another model_dir or resume=False "
+            "(--noresume) to start over"
         )
     if config.strategy != "multi_worker" and multi_worker_state and not fit_state:
         raise ConfigurationError(
             f"model_dir={model_dir!r} holds the checkpoint of a strategy='multi_worker' run "
-            f"({MULTI_WORKER_DIR}/), which strategy={config.strategy!r} cannot resume; resume "
-            "it with strategy='multi_worker', or use another model_dir or resume=False "
+            f"({layout.MULTI_WORKER_DIR}/), which strategy={config.strategy!r} cannot resume; "
+            "resume it with strategy='multi_worker', or use another model_dir or resume=False "
             "(--noresume) to start over"
         )
-    path = os.path.join(model_dir, CONFIG_FILE)
+    path = os.path.join(model_dir, layout.CONFIG_FILE)
     if not ((fit_state or multi_worker_state) and os.path.exists(path)):
         return
     with open(path) as f:
@@ -298,8 +288,8 @@ def _check_resumable(config, model_dir, say):
 
 def _reset_model_dir(model_dir):
     """resume=False: removes checkpoints and the log of an earlier run."""
-    shutil.rmtree(os.path.join(model_dir, CHECKPOINT_DIR), ignore_errors=True)
-    log = os.path.join(model_dir, LOG_FILE)
+    shutil.rmtree(os.path.join(model_dir, layout.CHECKPOINT_DIR), ignore_errors=True)
+    log = os.path.join(model_dir, layout.LOG_FILE)
     if os.path.exists(log):
         os.remove(log)
 
@@ -414,16 +404,14 @@ class _InputStatsWriter(keras.callbacks.Callback):
 
     def __init__(self, model_dir, input_stats):
         super().__init__()
-        self._directory = os.path.join(model_dir, INPUT_STATS_DIR)
+        self._model_dir = model_dir
         self._input_stats = input_stats
         self._epochs = 0
 
     def _write(self):
-        os.makedirs(self._directory, exist_ok=True)
         values = dict(self._input_stats.as_dict(), epochs_this_run=self._epochs)
-        _write_json(
-            os.path.join(self._directory, f"worker-{self._input_stats.shard_index}.json"), values
-        )
+        path = layout.input_stats_file(self._input_stats.shard_index)
+        layout.write_json(os.path.join(self._model_dir, path), values)
 
     def on_epoch_end(self, epoch, logs=None):
         self._epochs += 1
@@ -513,14 +501,6 @@ def _suggestions(config):
     return causes
 
 
-def _write_json(path, value):
-    """Writes JSON atomically: a kill mid-write never leaves a broken config.json."""
-    with callbacks_lib.atomic_write_path(path) as temporary_path:
-        with open(temporary_path, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
 def run_training(config, progress=True, callbacks=()):
     """Trains a CGCModel as `config` says, resuming from model_dir, and evaluates it.
 
@@ -576,17 +556,17 @@ def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
     if not chief:
         info = _dataset_info(config)
     if multi_worker:
-        resume_dir = os.path.join(model_dir, MULTI_WORKER_DIR)
+        resume_dir = os.path.join(model_dir, layout.MULTI_WORKER_DIR)
         completed = custom_loop.completed_epochs(resume_dir)
     else:
-        resume_dir = os.path.join(model_dir, BACKUP_DIR)
+        resume_dir = os.path.join(model_dir, layout.BACKUP_DIR)
         completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(resume_dir)
     if completed:
         say(f"Resuming from {resume_dir}: {completed} of {config.epochs} epochs done")
     _check_labelled_subset(config, completed, write=chief)
     if chief:
-        callbacks_lib.truncate_csv_log(os.path.join(model_dir, LOG_FILE), completed)
-        _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+        callbacks_lib.truncate_csv_log(os.path.join(model_dir, layout.LOG_FILE), completed)
+        layout.write_json(os.path.join(model_dir, layout.CONFIG_FILE), dataclasses.asdict(config))
 
     previous_policy = keras.mixed_precision.global_policy()
     policy, reason = distribute.resolve_mixed_precision(config.mixed_precision, config.strategy)
@@ -621,7 +601,7 @@ def _check_labelled_subset(config, completed, write):
         "examples_per_class": config.examples_per_class,
         "examples": subset["examples"],
     }
-    path = os.path.join(config.model_dir, LABELLED_SUBSET_FILE)
+    path = os.path.join(config.model_dir, layout.LABELLED_SUBSET_FILE)
     if completed and os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
@@ -641,7 +621,7 @@ def _check_labelled_subset(config, completed, write):
             "started with, or use another model_dir or resume=False (--noresume) to start over"
         )
     if write:
-        _write_json(path, record)
+        layout.write_json(path, record)
 
 
 def _silent(*args, **kwargs):
@@ -695,12 +675,12 @@ def _stop_on_non_finite_loss(config, checkpoint_dir):
 
 def _summaries(config, eval_data):
     """TensorBoard callbacks: epoch scalars and Grad-CAM overlays of fixed eval images."""
-    tensorboard_dir = os.path.join(config.model_dir, TENSORBOARD_DIR)
+    tensorboard_dir = os.path.join(config.model_dir, layout.TENSORBOARD_DIR)
     return [
         callbacks_lib.EpochSummaries(tensorboard_dir),
         callbacks_lib.HeatmapSummary(
             _heatmap_images(eval_data, HEATMAP_IMAGES),
-            os.path.join(tensorboard_dir, "heatmaps"),
+            os.path.join(config.model_dir, layout.HEATMAPS_DIR),
             every=config.eval_every,
         ),
     ]
@@ -747,19 +727,19 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
         config, config.batch_size, completed, counter, input_stats=input_stats
     ).repeat()
     eval_data = _eval_dataset(config, counter)
-    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, BACKUP_DIR))
+    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, layout.BACKUP_DIR))
     csv_logger = callbacks_lib.ResumableCSVLogger(
-        os.path.join(model_dir, LOG_FILE), append=completed > 0
+        os.path.join(model_dir, layout.LOG_FILE), append=completed > 0
     )
     # Order matters: the loggers run before the checkpoint, so a kill between the
     # two re-runs the epoch (and truncate_csv_log drops its first row) rather
     # than losing its row.
     fit_callbacks = [
-        _stop_on_non_finite_loss(config, CHECKPOINT_DIR),
+        _stop_on_non_finite_loss(config, layout.CHECKPOINT_DIR),
         callbacks_lib.LearningRateLogger(),
         csv_logger,
         *_summaries(config, eval_data),
-        callbacks_lib.AtomicModelCheckpoint(os.path.join(model_dir, EPOCH_MODEL_FILE)),
+        callbacks_lib.AtomicModelCheckpoint(os.path.join(model_dir, layout.EPOCH_MODEL_FILE)),
         backup,
         _InputStatsWriter(model_dir, input_stats),
         *extra_callbacks,
@@ -791,7 +771,7 @@ def _train_multi_worker(
     # Outside the strategy's scope: a plain counter variable of this worker.
     input_stats = data.InputStats()
     epoch_callbacks = [
-        _stop_on_non_finite_loss(config, MULTI_WORKER_DIR),
+        _stop_on_non_finite_loss(config, layout.MULTI_WORKER_DIR),
         callbacks_lib.LearningRateLogger(),
         # Every worker writes its own file (the one file a non-chief writes).
         _InputStatsWriter(config.model_dir, input_stats),
@@ -807,8 +787,8 @@ def _train_multi_worker(
         _multi_worker_dataset_fn(config, counter, input_stats),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
-        checkpoint_dir=os.path.join(config.model_dir, MULTI_WORKER_DIR),
-        csv_path=os.path.join(config.model_dir, LOG_FILE),
+        checkpoint_dir=os.path.join(config.model_dir, layout.MULTI_WORKER_DIR),
+        csv_path=os.path.join(config.model_dir, layout.LOG_FILE),
         callbacks=[*epoch_callbacks, *extra_callbacks],
         verbose=1 if progress else 0,
     )
@@ -845,13 +825,13 @@ def _local_copy(model, config, num_classes, steps_per_epoch):
 def _write_final_files(config, model, info, epochs_run, train_seconds, counter, say):
     """Saves model.keras, evaluates into metrics.json, rewrites config.json; returns the metrics."""
     model_dir = config.model_dir
-    model_path = os.path.join(model_dir, MODEL_FILE)
-    with callbacks_lib.atomic_write_path(model_path) as temporary_path:
+    model_path = os.path.join(model_dir, layout.MODEL_FILE)
+    with layout.atomic_write_path(model_path) as temporary_path:
         model.save(temporary_path)
-    backbone_path = os.path.join(model_dir, BACKBONE_WEIGHTS_FILE)
-    with callbacks_lib.atomic_write_path(backbone_path) as temporary_path:
+    backbone_path = os.path.join(model_dir, layout.BACKBONE_WEIGHTS_FILE)
+    with layout.atomic_write_path(backbone_path) as temporary_path:
         model.backbone.save_weights(temporary_path)
-    _write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+    layout.write_json(os.path.join(model_dir, layout.CONFIG_FILE), dataclasses.asdict(config))
     metrics = _final_metrics(model, config, info)
     metrics["epochs"] = config.epochs
     metrics["epochs_run_this_time"] = epochs_run
@@ -860,7 +840,7 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
     skipped = None if counter is None else counter.count
     if skipped is not None:
         metrics["skipped_corrupt_images"] = skipped
-    _write_json(os.path.join(model_dir, METRICS_FILE), metrics)
+    layout.write_json(os.path.join(model_dir, layout.METRICS_FILE), metrics)
 
     say(f"Trained {config.epochs} epochs ({epochs_run} in this run, {train_seconds:.0f} s).")
     if skipped:
@@ -871,9 +851,10 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
         if value is not None:
             say(f"{info.eval_split} {key}: {value:.4f}")
     say(f"Outputs in {os.path.abspath(model_dir)}:")
-    say(f"  {MODEL_FILE} (final model), {BACKBONE_WEIGHTS_FILE} (for --init_weights), "
-        f"{CONFIG_FILE}, {METRICS_FILE}, {LOG_FILE}")
-    say(f"  {CHECKPOINT_DIR}/ (resume state), {TENSORBOARD_DIR}/ (tensorboard --logdir)")
+    say(f"  {layout.MODEL_FILE} (final model), {layout.BACKBONE_WEIGHTS_FILE} "
+        f"(for --init_weights), {layout.CONFIG_FILE}, {layout.METRICS_FILE}, {layout.LOG_FILE}")
+    say(f"  {layout.CHECKPOINT_DIR}/ (resume state), {layout.TENSORBOARD_DIR}/ "
+        "(tensorboard --logdir)")
     return metrics
 
 

@@ -127,7 +127,7 @@ def main(argv):
         output_dir, seeds,
         lambda seed: os.path.join(
             next(model_dir for _, _, run_seed, _, model_dir in others if run_seed == seed),
-            "config.json",
+            runs_lib.CONFIG_FILE,
         ),
     )
     results += [{"regime": names[0], "method": runs_lib.UNTRAINED, "seed": seed,

@@ -104,7 +104,8 @@ def main(argv):
     floors = runs_lib.untrained_floors(
         output_dir, seeds,
         lambda seed: os.path.join(
-            runs_lib.run_dir(output_dir, _REGIMES.value[0], _METHODS.value[0], seed), "config.json"
+            runs_lib.run_dir(output_dir, _REGIMES.value[0], _METHODS.value[0], seed),
+            runs_lib.CONFIG_FILE,
         ),
     )
     for regime in _REGIMES.value:

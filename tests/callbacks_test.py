@@ -14,6 +14,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from cgc_tf import callbacks
+from cgc_tf import model_dir
 from tests import testing_models
 
 
@@ -53,9 +54,9 @@ class _Interrupted(BaseException):
 
 
 def _interrupt_commit(call, after):
-    """Patches callbacks._commit to raise _Interrupted at its `call`-th call (1-based),
-    before or `after` the rename."""
-    real_commit = callbacks._commit
+    """Patches model_dir._commit (the rename of every atomic write) to raise
+    _Interrupted at its `call`-th call (1-based), before or `after` the rename."""
+    real_commit = model_dir._commit
     calls = []
 
     def commit(temporary_path, path):
@@ -66,7 +67,7 @@ def _interrupt_commit(call, after):
         if len(calls) == call:
             raise _Interrupted(path)
 
-    return mock.patch.object(callbacks, "_commit", commit)
+    return mock.patch.object(model_dir, "_commit", commit)
 
 
 class CallbacksTest(tf.test.TestCase, parameterized.TestCase):

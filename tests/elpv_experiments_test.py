@@ -6,7 +6,7 @@ import tempfile
 
 import tensorflow as tf
 
-from cgc_tf import training
+from cgc_tf import model_dir
 from experiments import elpv_runs as elpv
 from experiments import runs
 
@@ -52,7 +52,7 @@ class CommandTest(tf.test.TestCase):
         self.assertEqual(command[-1], "--epochs=2")
         weights = elpv.pretrained_weights("/out")
         self.assertEqual(os.path.dirname(weights), elpv.pretrain_dir("/out"))
-        self.assertEqual(os.path.basename(weights), training.BACKBONE_WEIGHTS_FILE)
+        self.assertEqual(os.path.basename(weights), model_dir.BACKBONE_WEIGHTS_FILE)
 
     def test_holdout_never_names_a_test_split_dataset(self):
         commands = [elpv.pretrain_command("/out", holdout=True)] + [

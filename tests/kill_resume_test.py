@@ -39,12 +39,12 @@ TIMEOUT_SECONDS = 240
 # Runs `run_training(config)` with a SIGKILL at the instant `point`, concerning
 # the checkpoint written after `epochs` completed epochs (mid_epoch: during the
 # epoch after `epochs` completed ones). The process kills itself so that the
-# instant is exact. Fault injection wraps callbacks._commit, the one rename
+# instant is exact. Fault injection wraps model_dir._commit, the one rename
 # step of every atomic write.
 _RUNNER = """
 import json, os, signal, sys
 import keras
-from cgc_tf import callbacks, config as config_lib, training
+from cgc_tf import config as config_lib, model_dir, training
 
 config = config_lib.TrainConfig.from_json(sys.argv[1])
 point, epochs = sys.argv[2], int(sys.argv[3])
@@ -57,7 +57,7 @@ def states_epochs(temporary_path):
     with open(temporary_path) as f:
         return json.load(f)["epoch"] == epochs
 
-real_commit = callbacks._commit
+real_commit = model_dir._commit
 
 def commit(temporary_path, path):
     name = os.path.basename(path)
@@ -68,7 +68,7 @@ def commit(temporary_path, path):
             kill()
     real_commit(temporary_path, path)
 
-callbacks._commit = commit
+model_dir._commit = commit
 
 class Kill(keras.callbacks.Callback):
     # Extra callbacks of run_training run after its checkpoint callbacks.

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import cgc_tf
 from cgc_tf import config as config_lib
+from cgc_tf import model_dir as layout
 from cgc_tf import training
 from tests import testing_models
 
@@ -128,12 +129,12 @@ class MixedPrecisionTrainingTest(tf.test.TestCase):
         # The run restored the process's policy ...
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
         # ... and the saved model computes in float32 (its weights are the trained ones).
-        model = keras.models.load_model(os.path.join(config.model_dir, training.MODEL_FILE))
+        model = keras.models.load_model(os.path.join(config.model_dir, layout.MODEL_FILE))
         self.assertEqual(model.backbone.compute_dtype, "float32")
         for layer in model.backbone.layers:
             self.assertEqual(layer.dtype_policy.name, "float32", msg=layer.name)
         last_epoch = keras.models.load_model(
-            os.path.join(config.model_dir, training.EPOCH_MODEL_FILE)
+            os.path.join(config.model_dir, layout.EPOCH_MODEL_FILE)
         )
         policies = {layer.dtype_policy.name for layer in last_epoch.backbone.layers}
         self.assertIn("mixed_bfloat16", policies)  # the model that trained

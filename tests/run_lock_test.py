@@ -9,6 +9,7 @@ import tempfile
 import tensorflow as tf
 
 from cgc_tf import config as config_lib
+from cgc_tf import model_dir as layout
 from cgc_tf import run_lock
 from cgc_tf import training
 from tests import testing_processes
@@ -63,7 +64,7 @@ class RunLockTest(tf.test.TestCase):
         config = config_lib.TrainConfig(model_dir=self.model_dir, epochs=1, steps_per_epoch=1)
         with self.assertRaisesRegex(ValueError, f"in use by another training process .PID {holder.pid}"):
             training.run_training(config, progress=False)
-        self.assertFalse(os.path.exists(os.path.join(self.model_dir, training.CONFIG_FILE)))
+        self.assertFalse(os.path.exists(os.path.join(self.model_dir, layout.CONFIG_FILE)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from cgc_tf import config as config_lib
 from cgc_tf import custom_loop
+from cgc_tf import model_dir as layout
 from cgc_tf import run_lock
 from cgc_tf import training
 from tests import multi_worker_test
@@ -125,7 +126,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         `moving_statistics` (synchronized BatchNorm): by default they are per
         replica (docs/distributed.md), and model.keras holds the chief's.
         """
-        model = keras.models.load_model(os.path.join(self.model_dir, training.MODEL_FILE))
+        model = keras.models.load_model(os.path.join(self.model_dir, layout.MODEL_FILE))
         with np.load(self._weights_path(name)) as saved:
             trainable = saved["trainable"]
             weights = [saved[f"arr_{index}"] for index in range(len(trainable))]
@@ -141,7 +142,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
 
     def _check_input_stats(self, num_workers):
         """Each worker decoded only its share of the embedded train split (5,748 images)."""
-        directory = os.path.join(self.model_dir, training.INPUT_STATS_DIR)
+        directory = os.path.join(self.model_dir, layout.INPUT_STATS_DIR)
         self.assertCountEqual(
             os.listdir(directory), [f"worker-{index}.json" for index in range(num_workers)]
         )
@@ -161,7 +162,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.assertEqual(sum(shares), _TRAIN_EXAMPLES)
 
     def _epochs_logged(self):
-        rows = multi_worker_test._read_csv(os.path.join(self.model_dir, training.LOG_FILE))
+        rows = multi_worker_test._read_csv(os.path.join(self.model_dir, layout.LOG_FILE))
         return [int(row["epoch"]) for row in rows]
 
     def test_two_workers_train_write_once_and_resume(self):
@@ -171,17 +172,17 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
 
         self.assertCountEqual(
             os.listdir(self.model_dir),
-            ["config.json", "model.keras", training.BACKBONE_WEIGHTS_FILE, "metrics.json",
+            ["config.json", "model.keras", layout.BACKBONE_WEIGHTS_FILE, "metrics.json",
              "log.csv", "checkpoints", "tensorboard",
-             training.INPUT_STATS_DIR,  # every worker's own file
+             layout.INPUT_STATS_DIR,  # every worker's own file
              run_lock.LOCK_FILE],  # the chief's lock; the other worker takes none
         )
         self._check_input_stats(num_workers=2)
         self.assertEqual(self._epochs_logged(), [0, 1])
-        checkpoint_dir = os.path.join(self.model_dir, training.MULTI_WORKER_DIR)
+        checkpoint_dir = os.path.join(self.model_dir, layout.MULTI_WORKER_DIR)
         self.assertEqual(custom_loop.completed_epochs(checkpoint_dir), 2)
         self.assertEqual(os.listdir(os.path.join(self.model_dir, "checkpoints")), ["multi_worker"])
-        with open(os.path.join(self.model_dir, training.METRICS_FILE)) as file:
+        with open(os.path.join(self.model_dir, layout.METRICS_FILE)) as file:
             metrics = json.load(file)
         self.assertEqual((metrics["epochs"], metrics["epochs_run_this_time"]), (2, 2))
         self.assertBetween(metrics["accuracy"], 0.0, 1.0)
@@ -201,7 +202,7 @@ class MultiWorkerTrainingTest(tf.test.TestCase):
         self.assertNotIn("Resuming from", worker_output)
         self.assertEqual(self._epochs_logged(), [0, 1, 2])
         self.assertEqual(custom_loop.completed_epochs(checkpoint_dir), 3)
-        with open(os.path.join(self.model_dir, training.METRICS_FILE)) as file:
+        with open(os.path.join(self.model_dir, layout.METRICS_FILE)) as file:
             metrics = json.load(file)
         self.assertEqual((metrics["epochs"], metrics["epochs_run_this_time"]), (3, 1))
         resumed_weights = self._check_weights_agree("resumed", epochs=3, moving_statistics=False)
@@ -215,12 +216,12 @@ class CheckpointKindTest(tf.test.TestCase):
         model_dir = self.get_temp_dir()
         manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(epoch=tf.Variable(2, dtype=tf.int64)),
-            os.path.join(model_dir, training.MULTI_WORKER_DIR),
+            os.path.join(model_dir, layout.MULTI_WORKER_DIR),
             max_to_keep=1,
         )
         manager.save()
         self.assertEqual(
-            custom_loop.completed_epochs(os.path.join(model_dir, training.MULTI_WORKER_DIR)), 2
+            custom_loop.completed_epochs(os.path.join(model_dir, layout.MULTI_WORKER_DIR)), 2
         )
         config = config_lib.TrainConfig(model_dir=model_dir)
         with self.assertRaisesRegex(

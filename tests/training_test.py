@@ -17,13 +17,14 @@ from cgc_tf import backbones
 from cgc_tf import callbacks
 from cgc_tf import config as config_lib
 from cgc_tf import data
+from cgc_tf import model_dir as layout
 from cgc_tf import training
 
 IMAGE_SIZE = 32
 
 
 def _read_log(model_dir):
-    with open(os.path.join(model_dir, training.LOG_FILE), newline="") as f:
+    with open(os.path.join(model_dir, layout.LOG_FILE), newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -148,7 +149,7 @@ class RunTrainingTest(tf.test.TestCase):
         self.assertNotIn("cgc_loss", first)
         # Explanations of the plain model: Grad-CAM of the trained network.
         self.assertBetween(first["explanations"]["content_heatmap_percent"], 0.0, 100.0)
-        path = os.path.join(model_dir, training.LABELLED_SUBSET_FILE)
+        path = os.path.join(model_dir, layout.LABELLED_SUBSET_FILE)
         with open(path, "rb") as f:
             written = f.read()
         subset = data.labelled_subset("cluttered_digits", 2, 0, IMAGE_SIZE, data_dir=self.data_dir)
@@ -198,7 +199,7 @@ class RunTrainingTest(tf.test.TestCase):
         self.assertEqual([row["epoch"] for row in _read_log(model_dir)], ["0"])
         self.assertEqual(
             callbacks.PreemptibleBackupAndRestore.completed_epochs(
-                os.path.join(model_dir, training.BACKUP_DIR)
+                os.path.join(model_dir, layout.BACKUP_DIR)
             ),
             1,
         )
@@ -331,8 +332,8 @@ class ModelChecksTest(tf.test.TestCase):
         previous = config_lib.TrainConfig(arch="resnet18", model_dir=model_dir)
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             f.write(previous.to_json())
-        os.makedirs(os.path.join(model_dir, training.BACKUP_DIR))
-        with open(os.path.join(model_dir, training.BACKUP_DIR, "latest.weights.h5"), "w") as f:
+        os.makedirs(os.path.join(model_dir, layout.BACKUP_DIR))
+        with open(os.path.join(model_dir, layout.BACKUP_DIR, "latest.weights.h5"), "w") as f:
             f.write("a checkpoint of the resnet18 run")
         with self.assertRaisesRegex(
             training.ConfigurationError, r"different model \(arch: 'resnet18' -> 'small_resnet'\)"
