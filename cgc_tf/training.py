@@ -421,13 +421,14 @@ class _InputStatsWriter(keras.callbacks.Callback):
         self._write()
 
 
-def _final_metrics(model, config, info):
+def _final_metrics(model, config, info, progress=False):
     """Final evaluation written to metrics.json; the explanation metrics hook in here.
 
     Args:
       model: the trained CGCModel.
       config: the TrainConfig.
       info: the data.DatasetInfo of config.dataset.
+      progress: bool, print the explanation metrics' progress lines.
 
     Returns:
       dict of JSON-serialisable values: accuracy (top-1 on info.eval_split, in
@@ -458,8 +459,11 @@ def _final_metrics(model, config, info):
     # Explanation metrics cost ~30 forward passes per image (insertion/deletion);
     # a run shortened by steps_per_epoch gets an evaluation shortened alike.
     max_images = None if config.steps_per_epoch is None else config.batch_size * config.steps_per_epoch
+    # For progress lines only (skipped corrupt images may make it smaller).
+    dataset_size = info.splits.get(info.eval_split) or None
     explanation = evaluation_lib.evaluate_model(
-        model, evaluation, augmentation_seed=config.seed, progress=False, max_images=max_images
+        model, evaluation, augmentation_seed=config.seed, progress=progress,
+        max_images=max_images, dataset_size=dataset_size,
     )
     metrics["explanations"] = {
         key: value for key, value in explanation.items() if not key.endswith("_count")
@@ -469,7 +473,8 @@ def _final_metrics(model, config, info):
     training_t = evaluation_lib.evaluate_consistency(
         {"model": model}, evaluation,
         PairedAugmentation(area_range=(config.transform_min_area, 1.0)),
-        augmentation_seed=config.seed, max_images=max_images,
+        augmentation_seed=config.seed, max_images=max_images, progress=progress,
+        dataset_size=dataset_size,
     )["model"]
     metrics["explanations"]["consistency_cosine_training_transforms"] = training_t[
         "consistency_cosine"
@@ -832,7 +837,7 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
     with layout.atomic_write_path(backbone_path) as temporary_path:
         model.backbone.save_weights(temporary_path)
     layout.write_json(os.path.join(model_dir, layout.CONFIG_FILE), dataclasses.asdict(config))
-    metrics = _final_metrics(model, config, info)
+    metrics = _final_metrics(model, config, info, progress=say is not _silent)
     metrics["epochs"] = config.epochs
     metrics["epochs_run_this_time"] = epochs_run
     if epochs_run:

@@ -176,6 +176,12 @@ class QuietRunTest(tf.test.TestCase):
         self.assertRegex(output, r"cgc-train: \d+ CPU visible, strategy default\n")
         self.assertRegex(output, r"Precision: (float32|mixed_bfloat16) \(auto: ")
         self.assertIn("Trained 1 epochs", output)
+        # The final explanation evaluation reports its progress (steps_per_epoch=1: 4 images).
+        self.assertRegex(
+            output, r"Explanation metrics: 4 images in \d+ s \(grad-cam \d+ s, "
+            r"insertion/deletion \d+ s, consistency \d+ s\)\n"
+        )
+        self.assertRegex(output, r"Consistency at the given transforms: 4 images in \d+ s")
         self.assertIn(f"Outputs in {model_dir}", output)
 
 

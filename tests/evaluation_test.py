@@ -1,5 +1,7 @@
 """Tests for cgc_tf.evaluation on a tiny model and a tiny in-memory dataset."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -113,6 +115,52 @@ class EvaluateModelTest(tf.test.TestCase):
             self.model, tiny_dataset(), auc_steps=STEPS, max_batches=1, progress=True
         )
         self.assertEqual(one_batch["num_images"], 4)
+
+    def test_progress_hook_gets_each_metric_with_images_done_of_total(self):
+        stages = [
+            evaluation.GRADCAM_STAGE,
+            evaluation.INSERTION_DELETION_STAGE,
+            evaluation.CONSISTENCY_STAGE,
+        ]
+        calls = []
+        evaluation.evaluate_model(
+            self.model, tiny_dataset(), auc_steps=STEPS, dataset_size=NUM_IMAGES,
+            progress=lambda *call: calls.append(call),
+        )
+        self.assertEqual(calls, [(s, 4, 6) for s in stages] + [(s, 6, 6) for s in stages])
+        # Without dataset_size the total is bounded by max_images (or the batches).
+        calls.clear()
+        evaluation.evaluate_model(
+            self.model, tiny_dataset(), auc_steps=STEPS, max_images=5,
+            progress=lambda *call: calls.append(call),
+        )
+        self.assertEqual(calls, [(s, 4, 5) for s in stages] + [(s, 5, 5) for s in stages])
+        calls.clear()
+        evaluation.evaluate_consistency(
+            {"a": self.model, "b": self.other}, tiny_dataset(), cgc_tf.PairedAugmentation(),
+            progress=lambda *call: calls.append(call),
+        )
+        self.assertEqual(
+            calls,
+            [("a consistency", 4, 8), ("b consistency", 4, 8),
+             ("a consistency", 6, 8), ("b consistency", 6, 8)],
+        )
+        with self.assertRaisesRegex(ValueError, "`progress` must be a bool or a callable"):
+            evaluation.evaluate_model(self.model, tiny_dataset(), progress="yes")
+
+    def test_progress_true_prints_the_final_line_with_seconds_per_metric(self):
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            evaluation.compare_models(
+                self.model, self.other, tiny_dataset(), names=("a", "b"), auc_steps=STEPS,
+                max_batches=1, progress=True,
+            )
+        self.assertRegex(
+            output.getvalue(),
+            r"Explanation metrics: 4 images in \d+ s \(a grad-cam \d+ s, "
+            r"a insertion/deletion \d+ s, a consistency \d+ s, b grad-cam \d+ s, "
+            r"b insertion/deletion \d+ s, b consistency \d+ s\)\n$",
+        )
 
     def test_same_seed_same_results_and_plain_classifier_accepted(self):
         again = evaluation.evaluate_model(
@@ -312,6 +360,11 @@ class EvaluateBinaryTest(tf.test.TestCase):
         self.assertEqual(results["num_images"], 16)
         self.assertBetween(results["content_heatmap_percent"], 0.0, 100.0)
         self.assertEqual(results["pointing_game_count"], 16)
+        # Progress: the final line with the seconds of each metric.
+        self.assertRegex(
+            process.stdout, r"Explanation metrics: 16 images in \d+ s \(grad-cam \d+ s, "
+            r"insertion/deletion \d+ s, consistency \d+ s\)\n"
+        )
         self.assertFalse(os.path.exists(os.path.join(model_dir, "comparison.json")))
         with Image.open(os.path.join(model_dir, "grid.png")) as grid:
             self.assertEqual(grid.format, "PNG")
