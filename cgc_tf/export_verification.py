@@ -1,7 +1,8 @@
 """Verification of exported artefacts: each output compared with the Keras model.
 
+`export_model` moves an artefact into place only when it passes:
 `verify_saved_model` and `verify_onnx` run seeded images float32 [B, S, S, 3] in
-[0, 1] (and their PNG encodings plus one undecodable element) through a loaded
+[0, 1] (and their PNG encodings plus one undecodable element) through the loaded
 artefact and `compare` each output with `CGCModel.explain` (GradientTape
 Grad-CAM): probabilities [B, K], class_id [B], heatmap [B, H, W], valid [B].
 The tolerance rule and the report: docs/export.md#verification-and-export_reportjson.
