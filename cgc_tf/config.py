@@ -53,9 +53,27 @@ MIN_IMAGE_SIZE = {"small_resnet": 16, "resnet18": 32, "resnet34": 32, "resnet50"
 MIN_FREE_DISK_MB = 256
 
 
+def _setting(default, help_text, choices=None, aliases=()):
+    """A TrainConfig field: its default, and in its metadata what its flag shows.
+
+    The binaries generate one flag per field from this (train/config_flags.py):
+    metadata "help" is the help text, "choices" the allowed values (an enum flag
+    for strings; `validate` checks them too), "aliases" other flag names.
+    """
+    metadata = {"help": help_text}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if aliases:
+        metadata["aliases"] = tuple(aliases)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `cgc_tf.training.run_training` needs; field names are the flag names.
+
+    Each field's metadata holds its flag's help text (and choices): cgc-train's
+    flags are generated from these fields, nothing restates them.
 
     Defaults are the embedded main job: `cluttered_digits` at 32x32 with the small
     ResNet and the CGC loss (paper lambda and temperature), sized for a 2-core CPU:
@@ -65,49 +83,122 @@ class TrainConfig:
     """
 
     # Data.
-    dataset: str = EMBEDDED_DATASET
-    data_dir: Optional[str] = None
-    image_size: int = 32
-    examples_per_class: Optional[int] = None
-    unlabeled: Optional[str] = None
-    unlabeled_split: Optional[str] = None
-    skip_corrupt_images: bool = False
+    dataset: str = _setting(
+        EMBEDDED_DATASET,
+        "'cluttered_digits' (embedded), 'cluttered_digits_holdout' (for tuning: trains on 6/7 "
+        "of its train digits, validates and reports on the other 1/7), 'elpv' and its variants "
+        "(optional extra), a tfds name prepared in --data_dir, or 'folder:/root' "
+        "(root/train/<class>/*, root/val|test/<class>/*).",
+    )
+    data_dir: Optional[str] = _setting(
+        None, "tfds data directory (unset: ~/tensorflow_datasets)."
+    )
+    image_size: int = _setting(32, "Input side in pixels (>= 16; >= 32 for resnet*).")
+    examples_per_class: Optional[int] = _setting(
+        None, "Labelled images per class (>= 1); unset: all."
+    )
+    unlabeled: Optional[str] = _setting(
+        None, "Unlabelled images for semi-supervised CGC (a --dataset name)."
+    )
+    unlabeled_split: Optional[str] = _setting(
+        None, "Split of --unlabeled; unset: its train split."
+    )
+    skip_corrupt_images: bool = _setting(False, "Skip and count undecodable images.")
     # Model.
-    arch: str = "small_resnet"
-    target_layer: Optional[str] = None
-    init_weights: Optional[str] = None
-    synchronized_batch_norm: bool = False
+    arch: str = _setting(
+        "small_resnet",
+        f"Backbone: one of {', '.join(ARCHS)}; a keras.applications model name (e.g. "
+        "MobileNetV2, weights=None); or module:callable(input_shape, num_classes).",
+    )
+    target_layer: Optional[str] = _setting(
+        None, "Grad-CAM layer (4-D output); unset: the arch's last block."
+    )
+    init_weights: Optional[str] = _setting(
+        None,
+        "Local .weights.h5 to start from; layers of other shapes (a head for another class "
+        "count) stay random.",
+    )
+    synchronized_batch_norm: bool = _setting(
+        False,
+        "BatchNorm batch statistics over all replicas (all-reduced every step) instead of "
+        "per replica.",
+    )
     # Optimisation.
-    epochs: int = 15
-    batch_size: int = 32
-    steps_per_epoch: Optional[int] = None
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    weight_decay_mode: str = "coupled"
-    lr_schedule: str = "cosine"
-    lr_decay_epochs: int = 30
-    lr_decay_factor: float = 0.1
-    lr_decay_milestones: Optional[list] = None
-    warmup_epochs: int = 1
+    epochs: int = _setting(15, "Total epochs (>= 1), resumed ones included.")
+    batch_size: int = _setting(
+        32, "Images per batch over all replicas (>= 1; >= 2 per replica for contrastive)."
+    )
+    steps_per_epoch: Optional[int] = _setting(
+        None, "Optimizer steps per epoch (>= 1); unset: one pass."
+    )
+    learning_rate: float = _setting(0.05, "Peak SGD rate (> 0).")
+    momentum: float = _setting(0.9, "SGD momentum in [0, 1).")
+    weight_decay: float = _setting(5e-4, "Weight decay (>= 0).")
+    weight_decay_mode: str = _setting(
+        "coupled",
+        "coupled: torch.optim.SGD's L2 in the momentum (the reference); decoupled: Keras' SGD.",
+        choices=WEIGHT_DECAY_MODES,
+    )
+    lr_schedule: str = _setting(
+        "cosine",
+        "step: x lr_decay_factor every lr_decay_epochs (or at lr_decay_milestones); cosine: "
+        "to 0 at the last epoch; constant.",
+        choices=LR_SCHEDULES,
+    )
+    lr_decay_epochs: int = _setting(30, "Epochs between step decays (>= 1).")
+    lr_decay_factor: float = _setting(0.1, "Step decay factor in (0, 1].")
+    lr_decay_milestones: Optional[list[int]] = _setting(
+        None,
+        "Epochs at which the step schedule decays instead of every lr_decay_epochs (torch's "
+        "MultiStepLR).",
+    )
+    warmup_epochs: int = _setting(1, "Epochs of linear warmup (>= 0).")
     # CGC objective.
-    lambda_: float = 0.5
-    temperature: float = 0.5
-    consistency: str = "contrastive"
-    views: int = 2
-    transform_min_area: float = 0.5
-    global_negatives: bool = False
+    lambda_: float = _setting(
+        0.5,
+        "Consistency loss weight (>= 0; 0 = the lambda=0 ablation: the multi-view step, "
+        "consistency reported without gradient). Alias --lambda.",
+        aliases=("lambda",),
+    )
+    temperature: float = _setting(0.5, "InfoNCE temperature (> 0).")
+    consistency: str = _setting(
+        "contrastive",
+        "contrastive: CGC; mse: the GC baseline (the reference runs it at lambda 1000); none: "
+        "the plain baseline (one view, one cross-entropy, no Grad-CAM; labelled data only).",
+        choices=CONSISTENCIES,
+    )
+    views: int = _setting(
+        2,
+        "Cross-entropy views: 3 (docs/method.md) or 2 (no classification view).",
+        choices=VIEWS,
+    )
+    transform_min_area: float = _setting(
+        0.5, "Smallest area fraction of T's random crop, in (0, 1] (docs/method.md: 0.08)."
+    )
+    global_negatives: bool = _setting(False, "Negatives from all replicas' heatmaps.")
     # Run.
-    seed: int = 0
-    model_dir: str = os.path.join("cgc_runs", EMBEDDED_DATASET)
-    resume: bool = True
-    eval_every: int = 1
-    export: bool = True
+    seed: int = _setting(0, "Random seed (>= 0).")
+    model_dir: str = _setting(
+        os.path.join("cgc_runs", EMBEDDED_DATASET),
+        "Output directory; resumed when it holds a checkpoint.",
+    )
+    resume: bool = _setting(
+        True, "Resume from model_dir; --noresume deletes its checkpoints and log."
+    )
+    eval_every: int = _setting(1, "Evaluate and write heatmaps every N epochs (>= 1).")
+    export: bool = _setting(
+        True, "Write a verified SavedModel and ONNX to model_dir/export at the end."
+    )
     # Hardware.
-    strategy: str = "default"
-    tpu: Optional[str] = None
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"
+    strategy: str = _setting("default", "tf.distribute strategy.", choices=STRATEGIES)
+    tpu: Optional[str] = _setting(None, "TPU name or address, with --strategy=tpu.")
+    mixed_precision: str = _setting(
+        "auto",
+        "Keras dtype policy; auto: bfloat16 where the devices compute it natively, else "
+        "float32.",
+        choices=MIXED_PRECISIONS,
+    )
+    jit_compile: str = _setting("auto", "XLA for the train step.", choices=JIT_COMPILES)
 
     def replace(self, **changes):
         """A copy with `changes` applied (dataclasses.replace; unknown names raise)."""
@@ -193,13 +284,9 @@ def _field_errors(config):
         f"arch={config.arch!r} is not one of {list(ARCHS)}, a keras.applications model name "
         "(e.g. 'MobileNetV2') or 'module:callable'",
     )
-    check_choice("lr_schedule", LR_SCHEDULES)
-    check_choice("consistency", CONSISTENCIES)
-    check_choice("views", VIEWS)
-    check_choice("strategy", STRATEGIES)
-    check_choice("mixed_precision", MIXED_PRECISIONS)
-    check_choice("jit_compile", JIT_COMPILES)
-    check_choice("weight_decay_mode", WEIGHT_DECAY_MODES)
+    for field in dataclasses.fields(config):
+        if "choices" in field.metadata:
+            check_choice(field.name, field.metadata["choices"])
     minimum_size = MIN_IMAGE_SIZE.get(config.arch, min(MIN_IMAGE_SIZE.values()))
     check(
         _is_int(config.image_size) and config.image_size >= minimum_size,

@@ -13,6 +13,7 @@ the reference code's (cgc_tf.paper_protocol), written to metrics.json in
 <model_dir>/paper_protocol by default. docs/evaluation.md compares them.
 """
 
+import json
 import os
 import sys
 
@@ -22,6 +23,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+try:  # installed: the binaries are packages cgc_tf_train, cgc_tf_evaluate, ...
+    from cgc_tf_train import config_flags  # noqa: E402
+except ModuleNotFoundError:  # a checkout on sys.path (Bazel's py_binary, python -m evaluate.main)
+    from train import config_flags  # noqa: E402
+
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "A cgc-train --model_dir (holds model.keras and config.json); or --model."
 )
@@ -29,23 +35,30 @@ _MODEL = flags.DEFINE_string(
     "model", None, "A .keras file, a model_dir from cgc-train, or a cgc-export SavedModel."
 )
 _COMPARE = flags.DEFINE_string("compare", None, "Optional second model, same forms as --model.")
-_DATASET = flags.DEFINE_string(
-    "dataset", None, "cluttered_digits, cluttered_digits_holdout, a tfds name or folder:/root; default: "
-    "config.json's."
+# The flags cgc-train also has: TrainConfig's names, types and help texts (the
+# unset ones take the model_dir's config.json or the model's input size).
+_SHARED = config_flags.define_config_flags(
+    ["dataset", "data_dir", "image_size", "batch_size", "seed", "transform_min_area"],
+    defaults={"dataset": None, "data_dir": None, "image_size": None, "transform_min_area": None},
+    notes={
+        "dataset": "Default: config.json's.",
+        "data_dir": "Default: config.json's.",
+        "image_size": "Default: the model's input size.",
+        "seed": "Here: the seed of the consistency transforms T.",
+        "transform_min_area": "Consistency is also reported for T with crop areas in [this, 1]; "
+        "default: config.json's transform_min_area (the training T).",
+    },
 )
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory; default: config.json's.")
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Image side in pixels; default: the model's input size."
-)
+flags.adopt_module_key_flags(config_flags)
+flags.register_validator("batch_size", lambda size: size >= 1, "--batch_size must be >= 1")
+_DATASET, _DATA_DIR, _IMAGE_SIZE, _BATCH_SIZE, _SEED, _TRANSFORM_MIN_AREA = _SHARED.values()
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate; default: validation/val/test.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per batch, >= 1.", lower_bound=1)
 _MAX_IMAGES = flags.DEFINE_integer(
     "max_images", None, "Evaluate at most this many images (>= 1); default: all.", lower_bound=1
 )
 _AUC_STEPS = flags.DEFINE_integer(
     "auc_steps", 32, "Insertion/deletion steps, >= 1.", lower_bound=1
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the consistency transforms T.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where to write; default: the model_dir, else ./evaluation."
 )
@@ -65,10 +78,6 @@ _ANNOTATED_FOLDER = flags.DEFINE_string(
 _CLASS_NAMES = flags.DEFINE_string(
     "class_names", None, "Paper protocol with --annotated_folder: a text file, one class name "
     "(e.g. synset) per line in label order; default: the dataset's class names.",
-)
-_TRANSFORM_MIN_AREA = flags.DEFINE_float(
-    "transform_min_area", None, "Consistency is also reported for T with crop areas in "
-    "[this, 1], (0, 1]; default: config.json's transform_min_area (the training T).",
 )
 _GRID_IMAGES = flags.DEFINE_integer(
     "grid_images", 8, "Images (rows) in grid.png, >= 0 (0: no grid).", lower_bound=0
@@ -103,19 +112,16 @@ def _check_path(flag_name, path):
 
 def _display_name(path):
     """A short model name for tables and grids: the model_dir or file name."""
-    from cgc_tf import model_dir
-
     path = os.path.normpath(path)
-    if os.path.basename(path) == model_dir.MODEL_FILE:
+    if os.path.basename(path) == "model.keras":
         path = os.path.dirname(path)
     name = os.path.basename(path)
     return name[: -len(".keras")] if name.endswith(".keras") else name
 
 
 def _write_json(path, value):
-    from cgc_tf import model_dir
-
-    model_dir.write_json(path, value)
+    with open(path, "w") as file:
+        json.dump(value, file, indent=2, sort_keys=True)
     print(f"wrote {path}")
 
 
@@ -167,18 +173,18 @@ def main(argv):
         raise app.UsageError("--compare needs --protocol=cgc_tf; evaluate each model with paper")
     if _TRANSFORM_MIN_AREA.value is not None and not 0 < _TRANSFORM_MIN_AREA.value <= 1:
         raise app.UsageError(f"--transform_min_area={_TRANSFORM_MIN_AREA.value} must be in (0, 1]")
-    # Imported after the flag checks: TensorFlow takes seconds to import.
+    # Imported after the flag checks: TensorFlow came with the flags (cgc_tf.config),
+    # the data and evaluation modules add tensorflow-datasets.
     import cgc_tf
     from cgc_tf import data
     from cgc_tf import config as config_lib
     from cgc_tf import evaluation
-    from cgc_tf import model_dir as layout
     from cgc_tf import paper_protocol
 
     from cgc_tf import console
 
     console.setup(verbose=flags.FLAGS["verbosity"].present)
-    config = layout.read_config(model_path)
+    config = evaluation.read_model_dir_config(model_path)
     dataset = _DATASET.value or config.get("dataset")
     if not dataset:
         raise app.UsageError(f"--dataset is required: {model_path!r} has no config.json")
@@ -203,7 +209,7 @@ def main(argv):
         model_path if os.path.isdir(model_path) else "evaluation"
     )
     if paper and not _OUTPUT_DIR.value:  # never overwrite the training's metrics.json
-        output_dir = os.path.join(output_dir, layout.PAPER_PROTOCOL_DIR)
+        output_dir = os.path.join(output_dir, "paper_protocol")
     min_area = _TRANSFORM_MIN_AREA.value or config.get("transform_min_area")
     os.makedirs(output_dir, exist_ok=True)
     try:
@@ -233,7 +239,7 @@ def main(argv):
         except ValueError as error:
             raise app.UsageError(str(error)) from error
         print("\n".join(f"{key:<40}{value}" for key, value in results.items()))
-        _write_json(os.path.join(output_dir, layout.METRICS_FILE), results)
+        _write_json(os.path.join(output_dir, "metrics.json"), results)
         return
     settings = dict(
         augmentation_seed=_SEED.value, auc_steps=_AUC_STEPS.value, max_images=_MAX_IMAGES.value
@@ -268,7 +274,7 @@ def main(argv):
                **results}
     if _QUALITY_IMAGES.value:
         _add_quality(results, models, eval_dataset(), output_dir)
-    _write_json(os.path.join(output_dir, layout.METRICS_FILE), results)
+    _write_json(os.path.join(output_dir, "metrics.json"), results)
     if _GRID_IMAGES.value:
         images, labels, boxes = evaluation.take_images(eval_dataset(), _GRID_IMAGES.value)
         path = evaluation.save_grid(
@@ -279,12 +285,9 @@ def main(argv):
 
 def run():
     """Console-script entry point (cgc-evaluate)."""
-    # As cgc_tf.console.prepare_binary, without importing TensorFlow before the flag
-    # checks: --help shows this module's docstring and flags under the console script.
-    if sys.modules["__main__"] is not sys.modules[__name__]:
-        sys.modules["__main__"].__doc__ = __doc__
-        for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    from cgc_tf import console
+
+    console.prepare_binary(flags.FLAGS, sys.modules[__name__])
     app.run(main)
 
 

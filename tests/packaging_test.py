@@ -1,5 +1,6 @@
 """The installed package: every console script's entry point imports, --help lists its flags."""
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -48,9 +49,11 @@ _OWN_FLAGS = {
 }
 
 
-def _help(command):
+@functools.lru_cache(maxsize=None)
+def _help(*command):
+    """The --help output of `command` (cached: each run imports TensorFlow)."""
     result = subprocess.run(
-        command + ["--help"], capture_output=True, text=True, check=False, timeout=600, cwd=REPO
+        [*command, "--help"], capture_output=True, text=True, check=False, timeout=600, cwd=REPO
     )
     return result.stdout + result.stderr
 
@@ -59,7 +62,7 @@ def _help(command):
 @pytest.mark.skipif(not _console_scripts(), reason="cgc-tf is not pip-installed")
 def test_help_lists_each_binarys_own_flags():
     for name, expected in _OWN_FLAGS.items():
-        text = _help([shutil.which(name)])
+        text = _help(shutil.which(name))
         assert "Try --helpfull" in text, text[-2000:]
         for flag, help_words in expected.items():
             lines = [line for line in text.splitlines() if line.strip().startswith(flag + ":")]
@@ -69,5 +72,17 @@ def test_help_lists_each_binarys_own_flags():
         # absl's own flags stay behind --helpfull.
         assert "--logtostderr" not in text, name
     # Run as a module, __main__ is the binary itself: its flags are listed too.
-    text = _help([sys.executable, "-m", "train.main"])
+    text = _help(sys.executable, "-m", "train.main")
     assert "  --epochs: Total epochs" in text, text[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _console_scripts(), reason="cgc-tf is not pip-installed")
+def test_evaluate_help_lists_the_flags_shared_with_train_once():
+    # Defined from TrainConfig's fields (train/config_flags.py), as cgc-train's.
+    text = _help(shutil.which("cgc-evaluate"))
+    for flag in ("--dataset", "--data_dir", "--image_size", "--batch_size", "--seed",
+                 "--transform_min_area"):
+        lines = [line for line in text.splitlines() if line.strip().startswith(flag + ":")]
+        assert len(lines) == 1, (flag, text[-3000:])
+    assert "Input side in pixels" in text, text[-3000:]  # image_size's TrainConfig help

@@ -30,7 +30,7 @@ for path in sys.argv[1:]:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["cgc-train", "--flagfile=" + path])
     result[path] = json.loads(main.config_from_flags().to_json())
-result["flag_names"] = sorted(holder.name for holder in main._HOLDERS)
+result["flag_names"] = sorted(holder.name for holder in main._CONFIG_FLAGS.values())
 print(json.dumps(result))
 """
 
