@@ -13,7 +13,6 @@ the reference code's (cgc_tf.paper_protocol), written to metrics.json in
 <model_dir>/paper_protocol by default. docs/evaluation.md compares them.
 """
 
-import json
 import os
 import sys
 
@@ -112,16 +111,19 @@ def _check_path(flag_name, path):
 
 def _display_name(path):
     """A short model name for tables and grids: the model_dir or file name."""
+    from cgc_tf import model_dir
+
     path = os.path.normpath(path)
-    if os.path.basename(path) == "model.keras":
+    if os.path.basename(path) == model_dir.MODEL_FILE:
         path = os.path.dirname(path)
     name = os.path.basename(path)
     return name[: -len(".keras")] if name.endswith(".keras") else name
 
 
 def _write_json(path, value):
-    with open(path, "w") as file:
-        json.dump(value, file, indent=2, sort_keys=True)
+    from cgc_tf import model_dir
+
+    model_dir.write_json(path, value)
     print(f"wrote {path}")
 
 
@@ -179,12 +181,13 @@ def main(argv):
     from cgc_tf import data
     from cgc_tf import config as config_lib
     from cgc_tf import evaluation
+    from cgc_tf import model_dir as layout
     from cgc_tf import paper_protocol
 
     from cgc_tf import console
 
     console.setup(verbose=flags.FLAGS["verbosity"].present)
-    config = evaluation.read_model_dir_config(model_path)
+    config = layout.read_config(model_path)
     dataset = _DATASET.value or config.get("dataset")
     if not dataset:
         raise app.UsageError(f"--dataset is required: {model_path!r} has no config.json")
@@ -209,7 +212,7 @@ def main(argv):
         model_path if os.path.isdir(model_path) else "evaluation"
     )
     if paper and not _OUTPUT_DIR.value:  # never overwrite the training's metrics.json
-        output_dir = os.path.join(output_dir, "paper_protocol")
+        output_dir = os.path.join(output_dir, layout.PAPER_PROTOCOL_DIR)
     min_area = _TRANSFORM_MIN_AREA.value or config.get("transform_min_area")
     os.makedirs(output_dir, exist_ok=True)
     try:
@@ -239,7 +242,7 @@ def main(argv):
         except ValueError as error:
             raise app.UsageError(str(error)) from error
         print("\n".join(f"{key:<40}{value}" for key, value in results.items()))
-        _write_json(os.path.join(output_dir, "metrics.json"), results)
+        _write_json(os.path.join(output_dir, layout.METRICS_FILE), results)
         return
     settings = dict(
         augmentation_seed=_SEED.value, auc_steps=_AUC_STEPS.value, max_images=_MAX_IMAGES.value
@@ -274,7 +277,7 @@ def main(argv):
                **results}
     if _QUALITY_IMAGES.value:
         _add_quality(results, models, eval_dataset(), output_dir)
-    _write_json(os.path.join(output_dir, "metrics.json"), results)
+    _write_json(os.path.join(output_dir, layout.METRICS_FILE), results)
     if _GRID_IMAGES.value:
         images, labels, boxes = evaluation.take_images(eval_dataset(), _GRID_IMAGES.value)
         path = evaluation.save_grid(
