@@ -20,6 +20,7 @@ import re
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,8 +97,88 @@ def _torch_conv(x, filters, kernel_size, stride, name):
     )(x)
 
 
+@keras.saving.register_keras_serializable(package="cgc_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` computed by TensorFlow's fused kernel.
+
+    Same arguments, variables (names, shapes, dtypes), moving-statistics update
+    (`moving = momentum * moving + (1 - momentum) * batch`, the biased batch
+    variance) and outputs to float rounding, for channels-last inputs [B, H, W, C]
+    of dtype float32, float16 or bfloat16 (statistics and the affine map in
+    float32, output in the input's dtype). Keras 3 normalises with about ten
+    elementwise and reduction ops in float32 and casts a half-precision input up
+    and back down; the fused kernel (`FusedBatchNormV3`, its gradient
+    `FusedBatchNormGradV3`) is one op each way and reads the half-precision
+    tensor directly. Under `mixed_bfloat16` the unfused layer was the largest
+    share of a ResNet training step on the CPU (docs/performance.md).
+
+    Anything the kernel does not cover runs Keras' own code: other ranks or axes,
+    float64, masks, batch renormalisation, and `synchronized=True` (batch
+    statistics all-reduced over replicas).
+
+    The class keeps Keras' name because Keras' `.weights.h5` files key a
+    functional model's layers by their class name (`layers/batch_normalization_3`):
+    weights saved with `keras.layers.BatchNormalization` load into it and back.
+    `.keras` files record it as "cgc_tf>BatchNormalization".
+    """
+
+    def _fused(self, inputs, mask):
+        return (
+            mask is None
+            and not self.synchronized
+            and not self.renorm
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and tf.as_dtype(inputs.dtype) in (tf.float32, tf.float16, tf.bfloat16)
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        channels = (inputs.shape[-1],)
+        scale = self.gamma if self.scale else tf.ones(channels, tf.float32)
+        offset = self.beta if self.center else tf.zeros(channels, tf.float32)
+        # As Keras: a frozen layer (trainable=False) normalises with its moving statistics.
+        if training and self.trainable:
+            empty = tf.constant([], tf.float32)
+            outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
+                x=inputs,
+                scale=scale,
+                offset=offset,
+                mean=empty,
+                variance=empty,
+                epsilon=self.epsilon,
+                exponential_avg_factor=1.0,
+                data_format="NHWC",
+                is_training=True,
+            )[:3]
+            # The kernel normalises with the biased batch variance but returns the
+            # unbiased one (x n / (n - 1)); Keras' moving variance tracks the biased.
+            count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels[0], tf.float32)
+            variance = variance * (tf.maximum(count - 1.0, 1.0) / count)
+            self.moving_mean.assign(
+                self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+            )
+        else:
+            outputs = tf.raw_ops.FusedBatchNormV3(
+                x=inputs,
+                scale=scale,
+                offset=offset,
+                mean=self.moving_mean,
+                variance=self.moving_variance,
+                epsilon=self.epsilon,
+                exponential_avg_factor=1.0,
+                data_format="NHWC",
+                is_training=False,
+            )[0]
+        return tf.cast(outputs, self.compute_dtype)
+
+
 def _torch_batch_norm(x, name):
-    return keras.layers.BatchNormalization(**_TORCH_BATCH_NORM, name=name)(x)
+    return BatchNormalization(**_TORCH_BATCH_NORM, name=name)(x)
 
 
 def _basic_block(x, filters, stride, name, layout):
@@ -118,19 +199,17 @@ def _basic_block(x, filters, stride, name, layout):
             shortcut = keras.layers.Conv2D(
                 filters, 1, strides=stride, use_bias=False, name=f"{name}_0_conv"
             )(x)
-            shortcut = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_0_bn")(
-                shortcut
-            )
+            shortcut = BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_0_bn")(shortcut)
         x = keras.layers.Conv2D(
             filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_1_conv"
         )(x)
-        x = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_1_bn")(x)
+        x = BatchNormalization(**_KERAS_BATCH_NORM, name=f"{name}_1_bn")(x)
         x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
         x = keras.layers.Conv2D(
             filters, 3, padding="same", use_bias=False, name=f"{name}_2_conv"
         )(x)
         # gamma starts at 0: each block starts as the identity.
-        x = keras.layers.BatchNormalization(
+        x = BatchNormalization(
             **_KERAS_BATCH_NORM, gamma_initializer="zeros", name=f"{name}_2_bn"
         )(x)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
@@ -238,7 +317,7 @@ def basic_resnet(
             x = keras.layers.Conv2D(
                 stem_filters, 3, padding="same", use_bias=False, name="conv1_conv"
             )(x)
-        x = keras.layers.BatchNormalization(**_KERAS_BATCH_NORM, name="conv1_bn")(x)
+        x = BatchNormalization(**_KERAS_BATCH_NORM, name="conv1_bn")(x)
         x = keras.layers.Activation("relu", name="conv1_relu")(x)
         if stem_downsample:
             x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)

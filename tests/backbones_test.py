@@ -155,5 +155,183 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
             backbones.small_resnet(weights="imagenet")
 
 
+def _batch_norm_pair(seed, **arguments):
+    """Keras' and backbones' (fused) BatchNormalization with the same random weights."""
+    rng = np.random.default_rng(seed)
+    layers = (
+        keras.layers.BatchNormalization(**arguments),
+        backbones.BatchNormalization(**arguments),
+    )
+    for layer in layers:
+        layer.build((None, 5, 6, 8))
+    for keras_variable, fused_variable in zip(*(layer.weights for layer in layers)):
+        value = rng.normal(size=keras_variable.shape).astype(np.float32)
+        if "variance" in keras_variable.path:
+            value = np.abs(value) + 0.5
+        keras_variable.assign(value)
+        fused_variable.assign(value)
+    return layers
+
+
+def _batch_norm_step(layer, images, training, jit_compile):
+    """(outputs, gradients wrt [images, gamma, beta]) of a cubic loss; updates moving stats."""
+    weights = tf.range(1.0, images.shape[-1] + 1.0)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(images):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = layer(images, training=training)
+            # Cubic and channel-weighted, so the gradient is not a constant per channel.
+            loss = tf.reduce_sum(tf.cast(outputs, tf.float32) ** 3 * weights)
+        return outputs, tape.gradient(loss, [images] + layer.trainable_weights)
+
+    return step(tf.constant(images))
+
+
+class FusedBatchNormalizationTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.parameters(
+        # (training, jit_compile, affine: center and scale)
+        (True, False, True),
+        (False, False, True),
+        (True, True, True),
+        (False, True, True),
+        (True, False, False),
+    )
+    def test_equals_keras_batch_normalization_in_float32(self, training, jit_compile, affine):
+        arguments = {"momentum": 0.9, "epsilon": 1e-5, "center": affine, "scale": affine}
+        keras_layer, fused_layer = _batch_norm_pair(0, **arguments)
+        images = np.random.default_rng(1).normal(1.0, 2.0, (3, 5, 6, 8)).astype(np.float32)
+        for _ in range(2):  # the second step starts from the updated moving statistics
+            expected, expected_gradients = _batch_norm_step(
+                keras_layer, images, training, jit_compile
+            )
+            actual, gradients = _batch_norm_step(fused_layer, images, training, jit_compile)
+            self.assertAllClose(actual, expected, atol=1e-5)
+            self.assertLen(gradients, len(expected_gradients))
+            for gradient, expected_gradient in zip(gradients, expected_gradients):
+                self.assertAllClose(gradient, expected_gradient, rtol=1e-4, atol=1e-4)
+            for variable, expected_variable in zip(fused_layer.weights, keras_layer.weights):
+                self.assertEqual(variable.name, expected_variable.name)
+                self.assertAllClose(variable, expected_variable, atol=1e-6, msg=variable.path)
+        # The oracle of the moving statistics: momentum 0.9, the biased batch variance.
+        if training:
+            _, fresh = _batch_norm_pair(0, **arguments)
+            initial_mean = fresh.moving_mean.numpy()
+            initial_variance = fresh.moving_variance.numpy()
+            mean = images.mean(axis=(0, 1, 2))
+            variance = images.var(axis=(0, 1, 2))
+            _batch_norm_step(fresh, images, training, jit_compile)
+            self.assertAllClose(fresh.moving_mean, 0.9 * initial_mean + 0.1 * mean, atol=1e-5)
+            self.assertAllClose(
+                fresh.moving_variance, 0.9 * initial_variance + 0.1 * variance, atol=1e-5
+            )
+
+    def test_frozen_layer_uses_its_moving_statistics(self):
+        keras_layer, fused_layer = _batch_norm_pair(2, momentum=0.9, epsilon=1e-5)
+        keras_layer.trainable = fused_layer.trainable = False
+        images = np.random.default_rng(3).normal(size=(2, 5, 6, 8)).astype(np.float32)
+        before = [variable.numpy() for variable in fused_layer.weights]
+        expected, _ = _batch_norm_step(keras_layer, images, True, False)
+        actual, _ = _batch_norm_step(fused_layer, images, True, False)
+        self.assertAllClose(actual, expected, atol=1e-5)
+        for variable, value in zip(fused_layer.weights, before):
+            self.assertAllEqual(variable, value)
+
+    def test_bfloat16_input_keeps_its_dtype_and_float32_statistics(self):
+        arguments = {"momentum": 0.9, "epsilon": 1e-5, "dtype": "mixed_bfloat16"}
+        keras_layer, fused_layer = _batch_norm_pair(4, **arguments)
+        images = np.random.default_rng(5).normal(1.0, 2.0, (3, 5, 6, 8)).astype(np.float32)
+        for training in (True, False):
+            expected, expected_gradients = _batch_norm_step(keras_layer, images, training, False)
+            actual, gradients = _batch_norm_step(fused_layer, images, training, False)
+            self.assertEqual(actual.dtype, tf.bfloat16)
+            # Both normalise the same bfloat16 input in float32; the outputs differ
+            # by the rounding of the result to bfloat16 (8 bits of mantissa).
+            self.assertAllClose(
+                tf.cast(actual, tf.float32), tf.cast(expected, tf.float32), rtol=2e-2, atol=2e-2
+            )
+            for gradient, expected_gradient in zip(gradients, expected_gradients):
+                self.assertAllClose(
+                    tf.cast(gradient, tf.float32), tf.cast(expected_gradient, tf.float32),
+                    rtol=5e-2, atol=5e-1,
+                )
+        self.assertEqual(fused_layer.moving_variance.dtype, "float32")
+        self.assertAllClose(fused_layer.moving_mean, keras_layer.moving_mean, atol=1e-2)
+        self.assertAllClose(fused_layer.moving_variance, keras_layer.moving_variance, rtol=1e-2)
+
+    def test_unfusable_inputs_run_keras_code(self):
+        # Rank 2, a mask, synchronized: Keras' own path, with the same results.
+        keras_layer = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+        fused_layer = backbones.BatchNormalization(momentum=0.9, epsilon=1e-5)
+        features = np.random.default_rng(6).normal(size=(4, 8)).astype(np.float32)
+        mask = np.array([True, True, False, True])
+        for layer in (keras_layer, fused_layer):
+            layer.build(features.shape)
+        self.assertAllClose(
+            fused_layer(features, training=True), keras_layer(features, training=True)
+        )
+        self.assertAllClose(
+            fused_layer(features, training=True, mask=mask),
+            keras_layer(features, training=True, mask=mask),
+        )
+        fused_layer.synchronized = keras_layer.synchronized = True
+        self.assertAllClose(
+            fused_layer(features, training=True), keras_layer(features, training=True)
+        )
+        self.assertAllClose(fused_layer.moving_variance, keras_layer.moving_variance)
+
+    # The keras and the torchvision layout (resnet34/50 build the torchvision one's layers).
+    @parameterized.parameters("small_resnet", "resnet18")
+    def test_backbones_use_it_and_load_keras_batch_norm_weights(self, arch):
+        model, _ = backbones.build(arch, (32, 32, 3), num_classes=3)
+        norms = [layer for layer in model.layers if "_bn" in layer.name]
+        self.assertNotEmpty(norms)
+        for layer in norms:
+            self.assertIsInstance(layer, backbones.BatchNormalization)
+
+        def plain_batch_norm(layer):
+            if isinstance(layer, backbones.BatchNormalization):
+                return keras.layers.BatchNormalization.from_config(layer.get_config())
+            return layer.__class__.from_config(layer.get_config())
+
+        # The same network with Keras' own BatchNormalization (what models saved
+        # before the fused layer hold) and random weights and statistics.
+        unfused = keras.models.clone_model(model, clone_function=plain_batch_norm)
+        rng = np.random.default_rng(7)
+        for variable in unfused.weights:
+            value = rng.normal(0.0, 0.1, variable.shape)
+            if "variance" in variable.path:
+                value = np.abs(value) + 0.5
+            variable.assign(value.astype(np.float32))
+        path = os.path.join(tempfile.mkdtemp(), "unfused.weights.h5")
+        unfused.save_weights(path)
+        model.load_weights(path)
+        images = rng.uniform(0.0, 1.0, (2, 32, 32, 3)).astype(np.float32)
+        self.assertAllClose(model(images), unfused(images), rtol=1e-4, atol=1e-4)
+        # ... and the fused layer round-trips through a .keras file.
+        saved = os.path.join(tempfile.mkdtemp(), "model.keras")
+        model.save(saved)
+        loaded = keras.models.load_model(saved)
+        self.assertIsInstance(loaded.get_layer(norms[0].name), backbones.BatchNormalization)
+        self.assertAllClose(loaded(images), model(images))
+
+    def test_synchronized_batch_norm_option_reaches_the_fused_layers(self):
+        model, _ = backbones.build("small_resnet", (32, 32, 3), 3, synchronized_batch_norm=True)
+        norms = [l for l in model.layers if isinstance(l, backbones.BatchNormalization)]
+        self.assertNotEmpty(norms)
+        self.assertTrue(all(layer.synchronized for layer in norms))
+
+    def test_inference_batch_norm_folds_into_the_convolutions(self):
+        # Grad-CAM at inference folds each conv -> BN pair (gradcam.inference_call).
+        model, _ = backbones.build("resnet18", (32, 32, 3), num_classes=3)
+        self.assertLen(gradcam._foldable_pairs(model), 20)
+        images = np.random.default_rng(8).uniform(0.0, 1.0, (2, 32, 32, 3)).astype(np.float32)
+        self.assertAllClose(
+            gradcam.inference_call(model, images), model(images, training=False),
+            rtol=1e-4, atol=1e-4,
+        )
+
+
 if __name__ == "__main__":
     tf.test.main()
