@@ -2,27 +2,17 @@
 
 `export_model(model, export_dir, version=1)` writes
 
-  export_dir/<version>/                     SavedModel, signatures below
+  export_dir/<version>/                     SavedModel: `cgc_tf.serving`'s signatures, metadata
   export_dir/<version>/assets.extra/metadata.json
   export_dir/model.onnx                     the `explain` function (float input)
   export_dir/export_report.json             verification, names, shapes, versions
 
-SavedModel signatures (inputs -> outputs; see `cgc_tf.serving` for the exact
-preprocessing and the NaN / bad-bytes policy):
-
-  serving_default      images                    -> probabilities, class_id
-  explain              images                    -> probabilities, class_id, heatmap
-  explain_class        images, class_index       -> probabilities, class_id, heatmap
-  serving_bytes        image_bytes               -> probabilities, class_id, valid
-  explain_bytes        image_bytes               -> ..., heatmap, valid
-  explain_bytes_class  image_bytes, class_index  -> ..., heatmap, valid
-  metadata             (none)                    -> metadata_json
-
-The artefacts are written to a hidden staging folder of `export_dir` (TF Serving
-ignores non-numeric names), verified against the Keras model
-(`cgc_tf.export_verification`) and only then moved into place, so a server watching
-`export_dir` never sees a half-written or unverified version. Tolerances and the
-report: docs/export.md.
+Inputs: images float32 [B, H, W, 3] in [0, 1] or image_bytes string [B]; outputs:
+probabilities [B, K], class_id [B], heatmap [B, H, W], valid [B] (bytes). Everything is
+written to a hidden staging folder of `export_dir` (TF Serving ignores non-numeric
+names), verified against the Keras model (`cgc_tf.export_verification`) and only then
+moved into place, so a server watching `export_dir` never sees a half-written or
+unverified version. Signatures, preprocessing and tolerances: docs/export.md.
 """
 
 import datetime
