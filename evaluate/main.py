@@ -245,7 +245,9 @@ def main(argv):
         _write_json(os.path.join(output_dir, layout.METRICS_FILE), results)
         return
     settings = dict(
-        augmentation_seed=_SEED.value, auc_steps=_AUC_STEPS.value, max_images=_MAX_IMAGES.value
+        augmentation_seed=_SEED.value, auc_steps=_AUC_STEPS.value, max_images=_MAX_IMAGES.value,
+        # The split's size, for the progress lines' totals.
+        dataset_size=info.splits.get(_SPLIT.value or info.eval_split) or None,
     )
     if _COMPARE.value:
         comparison = evaluation.compare_models(
@@ -256,7 +258,7 @@ def main(argv):
         if min_area is not None:
             extra = evaluation.evaluate_consistency(
                 models, eval_dataset(), _training_augmentation(min_area), _SEED.value,
-                _MAX_IMAGES.value,
+                _MAX_IMAGES.value, dataset_size=settings["dataset_size"],
             )
             for name in names:
                 _add_training_consistency(comparison["models"][name], extra[name], min_area)
@@ -268,7 +270,7 @@ def main(argv):
         if min_area is not None:
             extra = evaluation.evaluate_consistency(
                 models, eval_dataset(), _training_augmentation(min_area), _SEED.value,
-                _MAX_IMAGES.value,
+                _MAX_IMAGES.value, dataset_size=settings["dataset_size"],
             )
             _add_training_consistency(results, extra[names[0]], min_area)
         print("\n".join(f"{key:<40}{value}" for key, value in results.items()))
