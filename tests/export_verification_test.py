@@ -1,8 +1,8 @@
 """cgc_tf.export_verification: the comparison rule, and verifying tampered artefacts.
 
-The artefacts under test are real SavedModels whose heatmaps are scaled by a
-known factor 1 + delta, so their relative heatmap difference from the Keras
-model is delta (the oracle) while every other output is exact.
+The artefacts under test are real SavedModels and ONNX models whose heatmaps
+are scaled by a known factor 1 + delta, so their relative heatmap difference
+from the Keras model is delta (the oracle) while every other output is exact.
 """
 
 import os
@@ -131,8 +131,8 @@ class CompareTest(tf.test.TestCase):
         self.assertIn(f"max(tolerance, {verification.HEATMAP_TOLERANCE})", semantics)
 
 
-class VerifySavedModelTest(testing_base.TestCase):
-    """SavedModels with heatmaps off by a known relative amount, verified against the model."""
+class VerifyArtefactsTest(testing_base.TestCase):
+    """SavedModel / ONNX artefacts with heatmaps off by a known relative amount."""
 
     @classmethod
     def setUpClass(cls):
@@ -193,6 +193,26 @@ class VerifySavedModelTest(testing_base.TestCase):
             result["signatures"]["explain"]["outputs"]["heatmap"],
             {"dtype": "float32", "shape": [None, None, None]},
         )
+
+    def test_onnx_heatmaps_off_by_more_than_the_tolerance_fail(self):
+        delta = 5 * verification.HEATMAP_TOLERANCE
+        path = os.path.join(self.root, "scaled.onnx")
+        metadata = dict(self.metadata, heatmap_method="closed_form", target_layer="features")
+        export.write_onnx(_ScaledHeatmaps(self.model, delta), metadata, path)
+        result = verification.verify_onnx(
+            path, self.model, self.functions, None, verification.DEFAULT_TOLERANCE
+        )
+        heatmap = result["differences"]["heatmap"]
+        self.assertAllClose(heatmap["max_relative_diff"], delta, atol=1e-6)
+        self.assertLessEqual(result["differences"]["probabilities"]["max_abs_diff"], 1e-6)
+        self.assertCountEqual(
+            [failure.split(":")[0] for failure in result["failures"]],
+            [f"onnx/explain/batch_{n}/heatmap" for n in verification.VERIFICATION_BATCH_SIZES],
+        )
+        self.assertEqual(result["inputs"]["images"]["shape"], [None, None, None, 3])
+        self.assertIn("class_names", result["metadata_props"])
+        loose = verification.verify_onnx(path, self.model, self.functions, None, 2 * delta)
+        self.assertEqual(loose["failures"], [])
 
     def test_report_message_and_summary_list_the_failures(self):
         report = {
