@@ -1,46 +1,17 @@
 """`run_training(config)`: data, CGCModel, SGD + schedule, training with resume, final files.
 
-Model directory (docs/architecture.md):
-
-    model_dir/
-      config.json                 the TrainConfig (written at the start and the end)
-      model.keras                 the final CGCModel
-      backbone.weights.h5         its backbone's weights alone: another run's
-                                  init_weights (fine-tuning from this run)
-      checkpoints/backup/         BackupAndRestore state: weights + optimizer after
-                                  the last completed epoch (or at a SIGTERM)
-      checkpoints/last_epoch.keras  the full model after the last completed epoch
-      checkpoints/multi_worker/   strategy='multi_worker' only, instead of the two
-                                  above: tf.train.Checkpoint (ckpt-<epoch>.*) of
-                                  weights, optimizer, random state and epoch counter
-      log.csv                     one row per epoch (continued on resume)
-      tensorboard/                scalars (train/, validation/) and heatmaps/
-      metrics.json                final evaluation on the eval split
-      labelled_subset.json        with examples_per_class: the labelled examples per
-                                  class (a resumed run checks it draws the same)
-      input_stats/worker-<i>.json what input pipeline i (worker i) decoded: written
-                                  by every worker after each epoch (data.InputStats)
-      .lock                       held by the training process (run_lock): a second
-                                  process on the same model_dir stops with an error
-
 Two training paths drive the same `model.train_step`: Keras `fit` for every
-strategy but 'multi_worker', and `cgc_tf.custom_loop.train` for
-'multi_worker' (Keras 3 `fit` does not support MultiWorkerMirroredStrategy).
-The multi-worker path has no per-epoch validation (`val_*`): the chief
-evaluates once at the end. Only its chief writes into model_dir.
-
-Resume: with `config.resume` (the default) a run restarts from the last
-completed epoch in its checkpoint directory; a finished run re-run trains
-nothing and rewrites the final files. `resume=False` deletes the previous
-checkpoints and log first.
+strategy but 'multi_worker', and `cgc_tf.custom_loop.train` for 'multi_worker'
+(Keras 3 `fit` does not support MultiWorkerMirroredStrategy). The files a run
+writes are `cgc_tf.model_dir`'s; docs/training.md describes resuming and the two
+paths.
 """
 
 import contextlib
+from collections.abc import Callable
 import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -51,6 +22,7 @@ import tensorflow as tf
 
 from cgc_tf import backbones
 from cgc_tf import callbacks as callbacks_lib
+from cgc_tf import config as config_lib
 from cgc_tf import custom_loop
 from cgc_tf import data
 from cgc_tf import distribute
@@ -59,9 +31,12 @@ from cgc_tf import explainers
 from cgc_tf import model_dir as layout
 from cgc_tf import optimizers
 from cgc_tf import run_lock
+from cgc_tf import training_checks
+from cgc_tf import training_input
 from cgc_tf.schedules import LinearWarmup
 from cgc_tf.augment import PairedAugmentation
 from cgc_tf.model import CGCModel
+from cgc_tf.training_checks import ConfigurationError
 
 # Explanation metrics printed at the end of a run (all are in metrics.json).
 HEADLINE_METRICS = (
@@ -73,14 +48,7 @@ HEADLINE_METRICS = (
 )
 HEATMAP_IMAGES = 8
 
-# Fields that shape the model's and optimizer's variables: a checkpoint written
-# with other values cannot be restored.
-_CHECKPOINT_FIELDS = ("dataset", "arch", "image_size")
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
-
-
-class ConfigurationError(ValueError):
-    """The configuration does not fit the model, the data or the model_dir."""
 
 
 def learning_rate_schedule(config, steps_per_epoch):
@@ -205,222 +173,6 @@ def build_backbone(config, num_classes, say=print):
     return backbone, target_layer
 
 
-def _check_replicas(config, strategy):
-    replicas = strategy.num_replicas_in_sync
-    errors = []
-    if config.batch_size % replicas:
-        errors.append(
-            f"batch_size={config.batch_size} (global) must be divisible by the "
-            f"{replicas} replicas of strategy={config.strategy!r}"
-        )
-    elif config.consistency == "contrastive" and config.batch_size // replicas < 2:
-        errors.append(
-            f"batch_size={config.batch_size} gives {config.batch_size // replicas} image(s) per "
-            f"replica on {replicas} replicas; consistency='contrastive' needs >= 2 per replica"
-        )
-    if config.jit_compile == "true" and replicas > 1 and config.strategy != "tpu":
-        errors.append(
-            f"jit_compile='true' compiles the train step for one device, which cannot reach the "
-            f"variables of the {replicas} replicas of strategy={config.strategy!r}; use "
-            "jit_compile='auto' (no XLA under tf.distribute) or 'false'"
-        )
-    if errors:
-        raise ConfigurationError("\n".join(errors))
-
-
-def _check_resumable(config, model_dir, say):
-    """Refuses to resume a checkpoint written for a different model or training path."""
-    # The metadata is written first: a kill before latest.weights.h5 appears
-    # still leaves a fit checkpoint whose config must be checked.
-    fit_state = any(
-        os.path.exists(os.path.join(model_dir, layout.BACKUP_DIR, name))
-        for name in ("latest.weights.h5", callbacks_lib.PreemptibleBackupAndRestore.METADATA_FILE)
-    )
-    multi_worker_dir = os.path.join(model_dir, layout.MULTI_WORKER_DIR)
-    multi_worker_state = custom_loop.completed_epochs(multi_worker_dir) > 0
-    if config.strategy == "multi_worker" and fit_state and not multi_worker_state:
-        raise ConfigurationError(
-            f"model_dir={model_dir!r} holds the checkpoint of a Keras fit run "
-            f"({layout.BACKUP_DIR}/), which strategy='multi_worker' cannot resume; resume it "
-            "with the strategy it was started with, or use another model_dir or resume=False "
-            "(--noresume) to start over"
-        )
-    if config.strategy != "multi_worker" and multi_worker_state and not fit_state:
-        raise ConfigurationError(
-            f"model_dir={model_dir!r} holds the checkpoint of a strategy='multi_worker' run "
-            f"({layout.MULTI_WORKER_DIR}/), which strategy={config.strategy!r} cannot resume; "
-            "resume it with strategy='multi_worker', or use another model_dir or resume=False "
-            "(--noresume) to start over"
-        )
-    path = os.path.join(model_dir, layout.CONFIG_FILE)
-    if not ((fit_state or multi_worker_state) and os.path.exists(path)):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    changed = [
-        f"{name}: {previous.get(name)!r} -> {getattr(config, name)!r}"
-        for name in _CHECKPOINT_FIELDS
-        if name in previous and previous[name] != getattr(config, name)
-    ]
-    # Variables are float32 under every policy; only mixed_float16 adds the loss
-    # scale's optimizer variables (LossScaleOptimizer).
-    float16 = "mixed_float16"
-    if "mixed_precision" in previous and (
-        (previous["mixed_precision"] == float16) != (config.mixed_precision == float16)
-    ):
-        changed.append(
-            f"mixed_precision: {previous['mixed_precision']!r} -> {config.mixed_precision!r}"
-        )
-    if changed:
-        raise ConfigurationError(
-            f"model_dir={model_dir!r} holds a checkpoint of a different model "
-            f"({'; '.join(changed)}); use another model_dir or resume=False (--noresume) "
-            "to start over"
-        )
-    other = [
-        name
-        for name, value in dataclasses.asdict(config).items()
-        if name in previous and previous[name] != value and name not in ("epochs", "resume")
-    ]
-    if other:
-        say(f"Resuming with changed settings: {other}")
-
-
-def _reset_model_dir(model_dir):
-    """resume=False: removes checkpoints and the log of an earlier run."""
-    shutil.rmtree(os.path.join(model_dir, layout.CHECKPOINT_DIR), ignore_errors=True)
-    log = os.path.join(model_dir, layout.LOG_FILE)
-    if os.path.exists(log):
-        os.remove(log)
-
-
-def _steps_per_epoch(config, info):
-    """Optimizer steps per epoch: config.steps_per_epoch or the labelled batches per pass."""
-    if config.steps_per_epoch is not None:
-        return config.steps_per_epoch
-    if config.examples_per_class is not None:
-        examples = config.examples_per_class * info.num_classes
-    else:
-        examples = info.splits[info.train_split]
-    return max(1, examples // config.batch_size)
-
-
-def _heatmap_images(eval_data, count):
-    """The first `count` eval images, float32 [N, S, S, 3]."""
-    images = []
-    for batch in eval_data:
-        x = batch[0]
-        if isinstance(x, dict):
-            x = x["image"]
-        images.append(x.numpy())
-        if sum(len(i) for i in images) >= count:
-            break
-    return np.concatenate(images)[:count]
-
-
-def _train_dataset(config, batch_size, completed_epochs, counter, num_shards=1, shard_index=0,
-                   input_stats=None):
-    """One pass of training batches of `batch_size`; semi-supervised with config.unlabeled.
-
-    With `num_shards` > 1 only shard `shard_index` of the records is read and
-    decoded (`data.train_dataset`); `input_stats` counts the decoded images.
-    """
-    sharding = {"num_shards": num_shards, "shard_index": shard_index, "input_stats": input_stats}
-    # Shifting the seed by the completed epochs keeps a resumed run from
-    # replaying the shuffling order of the first epochs; the labelled subset
-    # keeps config.seed (subset_seed), so a resumed run trains on the same examples.
-    seed = config.seed + completed_epochs
-    corrupt = {"skip_corrupt_images": config.skip_corrupt_images, "corrupt_image_counter": counter}
-    train = data.train_dataset(
-        config.dataset,
-        batch_size,
-        config.image_size,
-        data_dir=config.data_dir,
-        examples_per_class=config.examples_per_class,
-        seed=seed,
-        classification_view=config.views == 3,
-        drop_remainder=True,
-        subset_seed=config.seed,
-        **corrupt,
-        **sharding,
-    )
-    if config.unlabeled is not None:
-        unlabeled = data.unlabeled_dataset(
-            config.unlabeled,
-            batch_size,
-            config.image_size,
-            data_dir=config.data_dir,
-            split=config.unlabeled_split,
-            seed=seed,
-            **corrupt,
-            **sharding,
-        )
-        train = data.semi_supervised_dataset(train, unlabeled)
-    return train
-
-
-def _eval_dataset(config, counter):
-    return data.eval_dataset(
-        config.dataset,
-        config.batch_size,
-        config.image_size,
-        data_dir=config.data_dir,
-        skip_corrupt_images=config.skip_corrupt_images,
-        corrupt_image_counter=counter,
-    )
-
-
-def _multi_worker_dataset_fn(config, counter, input_stats):
-    """dataset_fn for `custom_loop.train`: one epoch of this worker's share of the records."""
-
-    def dataset_fn(input_context, epoch):
-        # The seed of epoch e is config.seed + e, as for the first epoch of a
-        # fit run resumed after e epochs; the loop rebuilds the dataset every
-        # epoch, so a resumed run sees the batches of an uninterrupted one.
-        batches = _train_dataset(
-            config,
-            input_context.get_per_replica_batch_size(config.batch_size),
-            epoch,
-            counter,
-            num_shards=input_context.num_input_pipelines,
-            shard_index=input_context.input_pipeline_id,
-            input_stats=input_stats,
-        )
-        # The records are already sharded before decoding; tf.data's auto-shard
-        # (which distribute_datasets_from_function does not apply, but an
-        # experimental_distribute_dataset of this dataset would) must not split
-        # this worker's share again.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.OFF
-        )
-        return batches.repeat().with_options(options)
-
-    return dataset_fn
-
-
-class _InputStatsWriter(keras.callbacks.Callback):
-    """Writes model_dir/input_stats/worker-<index>.json after every epoch and at the end."""
-
-    def __init__(self, model_dir, input_stats):
-        super().__init__()
-        self._model_dir = model_dir
-        self._input_stats = input_stats
-        self._epochs = 0
-
-    def _write(self):
-        values = dict(self._input_stats.as_dict(), epochs_this_run=self._epochs)
-        path = layout.input_stats_file(self._input_stats.shard_index)
-        layout.write_json(os.path.join(self._model_dir, path), values)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._epochs += 1
-        self._write()
-
-    def on_train_end(self, logs=None):
-        self._write()
-
-
 def _final_metrics(model, config, info, progress=False):
     """Final evaluation written to metrics.json; the explanation metrics hook in here.
 
@@ -506,6 +258,32 @@ def _suggestions(config):
     return causes
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `run_training` call share, decided once at its start."""
+
+    config: config_lib.TrainConfig
+    strategy: tf.distribute.Strategy
+    # True for strategy='multi_worker': custom_loop.train instead of Keras fit.
+    multi_worker: bool
+    # This task writes model_dir: always, except on the multi-worker non-chiefs.
+    chief: bool
+    progress: bool
+    # Prints on the chief with progress, else does nothing.
+    say: Callable[..., None]
+    # Extra keras callbacks, run after the built-in ones.
+    callbacks: tuple
+    # Set by _prepare: the dataset's splits and classes; epochs done before this call.
+    info: data.DatasetInfo = None
+    completed: int = 0
+    # Counts skipped corrupt images (config.skip_corrupt_images), else None.
+    counter: data.CorruptImageCounter = None
+
+    def path(self, name):
+        """`name` (a `cgc_tf.model_dir` name) inside this run's model_dir."""
+        return os.path.join(self.config.model_dir, name)
+
+
 def run_training(config, progress=True, callbacks=()):
     """Trains a CGCModel as `config` says, resuming from model_dir, and evaluates it.
 
@@ -535,98 +313,58 @@ def run_training(config, progress=True, callbacks=()):
     # Before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the
     # runtime's collective ops when it is created.
     strategy = build_strategy(config)
-    multi_worker = config.strategy == "multi_worker"
     chief = distribute.is_chief(strategy)
-    say = print if progress and chief else _silent
+    run = _Run(
+        config=config,
+        strategy=strategy,
+        multi_worker=config.strategy == "multi_worker",
+        chief=chief,
+        progress=progress,
+        say=print if progress and chief else _silent,
+        callbacks=tuple(callbacks),
+    )
     # Only the chief writes model_dir (the other multi-worker workers may share it).
     with run_lock.hold(config.model_dir) if chief else contextlib.nullcontext():
-        return _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks)
+        _prepare(run)
+        previous_policy = keras.mixed_precision.global_policy()
+        policy, reason = distribute.resolve_mixed_precision(
+            config.mixed_precision, config.strategy
+        )
+        run.say(f"Precision: {policy} ({reason})")
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            return _train(run)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _run_locked(config, strategy, multi_worker, chief, say, progress, callbacks):
-    """run_training once the chief holds the model_dir lock."""
-    model_dir = config.model_dir
+def _prepare(run):
+    """Checks or resets model_dir, reads the dataset, finds the epochs done (sets run.*)."""
+    config = run.config
     if config.resume:
-        _check_resumable(config, model_dir, say)
-    elif chief:
-        _reset_model_dir(model_dir)
-    if chief:
+        training_checks.check_resumable(config, run.multi_worker, run.say)
+    elif run.chief:
+        training_checks.reset_model_dir(config.model_dir)
+    if run.chief:
         # Builds the embedded dataset on first use: once, before any other
         # worker reads it from a shared data_dir.
-        info = _dataset_info(config)
-    if multi_worker:
+        run.info = _dataset_info(config)
+    if run.multi_worker:
         # No worker reads the checkpoints or the data before the chief has reset
         # and prepared them.
-        custom_loop.barrier(strategy)
-    if not chief:
-        info = _dataset_info(config)
-    if multi_worker:
-        resume_dir = os.path.join(model_dir, layout.MULTI_WORKER_DIR)
-        completed = custom_loop.completed_epochs(resume_dir)
-    else:
-        resume_dir = os.path.join(model_dir, layout.BACKUP_DIR)
-        completed = callbacks_lib.PreemptibleBackupAndRestore.completed_epochs(resume_dir)
-    if completed:
-        say(f"Resuming from {resume_dir}: {completed} of {config.epochs} epochs done")
-    _check_labelled_subset(config, completed, write=chief)
-    if chief:
-        callbacks_lib.truncate_csv_log(os.path.join(model_dir, layout.LOG_FILE), completed)
-        layout.write_json(os.path.join(model_dir, layout.CONFIG_FILE), dataclasses.asdict(config))
-
-    previous_policy = keras.mixed_precision.global_policy()
-    policy, reason = distribute.resolve_mixed_precision(config.mixed_precision, config.strategy)
-    say(f"Precision: {policy} ({reason})")
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        return _train(config, strategy, info, completed, say, progress, callbacks)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-
-
-def _check_labelled_subset(config, completed, write):
-    """Writes model_dir/labelled_subset.json; a resumed run must draw the same subset.
-
-    Only with examples_per_class. The subset depends on the data,
-    examples_per_class and seed only (the per-epoch seeds move the shuffling).
-
-    Raises:
-      ConfigurationError: a resumed run (completed > 0) whose subset differs from
-        the file's, e.g. because the data changed since the run started.
-    """
-    if config.examples_per_class is None:
-        return
-    subset = data.labelled_subset(
-        config.dataset, config.examples_per_class, config.seed, config.image_size,
-        data_dir=config.data_dir,
+        custom_loop.barrier(run.strategy)
+    if not run.chief:
+        run.info = _dataset_info(config)
+    resume_dir, run.completed = training_checks.completed_epochs(
+        config.model_dir, run.multi_worker
     )
-    record = {
-        "dataset": config.dataset,
-        "split": subset["split"],
-        "seed": config.seed,
-        "examples_per_class": config.examples_per_class,
-        "examples": subset["examples"],
-    }
-    path = os.path.join(config.model_dir, layout.LABELLED_SUBSET_FILE)
-    if completed and os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous == record:
-            return
-        changed = [key for key in record if previous.get(key) != record[key]]
-        classes = sorted(
-            name
-            for name in set(record["examples"]) | set(previous.get("examples", {}))
-            if previous.get("examples", {}).get(name) != record["examples"].get(name)
-        )
-        raise ConfigurationError(
-            f"model_dir={config.model_dir!r} holds a run started on another labelled subset "
-            f"than this run draws ({path}: {', '.join(changed)} differ; classes with other "
-            f"examples: {classes[:5]}{' ...' if len(classes) > 5 else ''}). Resuming would "
-            "train on other examples: restore the data (or seed, examples_per_class) the run "
-            "started with, or use another model_dir or resume=False (--noresume) to start over"
-        )
-    if write:
-        layout.write_json(path, record)
+    if run.completed:
+        run.say(f"Resuming from {resume_dir}: {run.completed} of {config.epochs} epochs done")
+    training_checks.check_labelled_subset(config, run.completed, write=run.chief)
+    if run.chief:
+        callbacks_lib.truncate_csv_log(run.path(layout.LOG_FILE), run.completed)
+        layout.write_json(run.path(layout.CONFIG_FILE), dataclasses.asdict(config))
+    run.counter = data.CorruptImageCounter() if config.skip_corrupt_images else None
 
 
 def _silent(*args, **kwargs):
@@ -684,57 +422,52 @@ def _summaries(config, eval_data):
     return [
         callbacks_lib.EpochSummaries(tensorboard_dir),
         callbacks_lib.HeatmapSummary(
-            _heatmap_images(eval_data, HEATMAP_IMAGES),
+            training_input.heatmap_images(eval_data, HEATMAP_IMAGES),
             os.path.join(config.model_dir, layout.HEATMAPS_DIR),
             every=config.eval_every,
         ),
     ]
 
 
-def _train(config, strategy, info, completed, say, progress, extra_callbacks):
-    _check_replicas(config, strategy)
-    chief = distribute.is_chief(strategy)
-    counter = data.CorruptImageCounter() if config.skip_corrupt_images else None
-    steps_per_epoch = _steps_per_epoch(config, info)
-    model = _build_model(config, info.num_classes, steps_per_epoch, strategy, say)
-    if config.strategy == "multi_worker":
-        epochs_run, train_seconds = _train_multi_worker(
-            config, strategy, model, steps_per_epoch, counter, progress, extra_callbacks
-        )
-    else:
-        epochs_run, train_seconds = _fit(
-            config, model, steps_per_epoch, completed, counter, progress, extra_callbacks
-        )
+def _train(run):
+    """Builds the model, trains it on this path and writes the final files on the chief."""
+    training_checks.check_replicas(run.config, run.strategy)
+    steps_per_epoch = training_input.steps_per_epoch(run.config, run.info)
+    model = _build_model(
+        run.config, run.info.num_classes, steps_per_epoch, run.strategy, run.say
+    )
+    train = _train_multi_worker if run.multi_worker else _fit
+    epochs_run, train_seconds = train(run, model, steps_per_epoch)
     mixed = keras.mixed_precision.global_policy().name != "float32"
-    if chief and (config.strategy == "multi_worker" or mixed):
+    if run.chief and (run.multi_worker or mixed):
         # Mixed precision is a training setting (the variables are float32 under
         # every policy): the saved, evaluated and exported model computes in
         # float32.
         keras.mixed_precision.set_global_policy("float32")
-        model = _local_copy(model, config, info.num_classes, steps_per_epoch)
+        model = _local_copy(model, run.config, run.info.num_classes, steps_per_epoch)
     metrics = None
-    if chief:
-        metrics = _write_final_files(config, model, info, epochs_run, train_seconds, counter, say)
-    if config.strategy == "multi_worker":
+    if run.chief:
+        metrics = _write_final_files(run, model, epochs_run, train_seconds)
+    if run.multi_worker:
         # The workers finish together: one that exits while the chief still
         # evaluates makes the chief's TensorFlow log "tasks have crashed".
-        custom_loop.barrier(strategy)
+        custom_loop.barrier(run.strategy)
     return metrics
 
 
-def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_callbacks):
+def _fit(run, model, steps_per_epoch):
     """Keras fit with BackupAndRestore; returns (epochs run, seconds)."""
-    model_dir = config.model_dir
+    config = run.config
     # Repeated, with a fixed number of steps per epoch: the schedule needs the
     # count up front, and skipped corrupt images must not end an epoch early.
     input_stats = data.InputStats()
-    train_data = _train_dataset(
-        config, config.batch_size, completed, counter, input_stats=input_stats
+    train_data = training_input.train_dataset(
+        config, config.batch_size, run.completed, run.counter, input_stats=input_stats
     ).repeat()
-    eval_data = _eval_dataset(config, counter)
-    backup = callbacks_lib.PreemptibleBackupAndRestore(os.path.join(model_dir, layout.BACKUP_DIR))
+    eval_data = training_input.eval_dataset(config, run.counter)
+    backup = callbacks_lib.PreemptibleBackupAndRestore(run.path(layout.BACKUP_DIR))
     csv_logger = callbacks_lib.ResumableCSVLogger(
-        os.path.join(model_dir, layout.LOG_FILE), append=completed > 0
+        run.path(layout.LOG_FILE), append=run.completed > 0
     )
     # Order matters: the loggers run before the checkpoint, so a kill between the
     # two re-runs the epoch (and truncate_csv_log drops its first row) rather
@@ -744,12 +477,12 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
         callbacks_lib.LearningRateLogger(),
         csv_logger,
         *_summaries(config, eval_data),
-        callbacks_lib.AtomicModelCheckpoint(os.path.join(model_dir, layout.EPOCH_MODEL_FILE)),
+        callbacks_lib.AtomicModelCheckpoint(run.path(layout.EPOCH_MODEL_FILE)),
         backup,
-        _InputStatsWriter(model_dir, input_stats),
-        *extra_callbacks,
+        training_input.InputStatsWriter(config.model_dir, input_stats),
+        *run.callbacks,
     ]
-    verbose = (1 if _is_interactive() else 2) if progress else 0
+    verbose = (1 if _is_interactive() else 2) if run.progress else 0
     start = time.monotonic()
     try:
         history = model.fit(
@@ -768,34 +501,32 @@ def _fit(config, model, steps_per_epoch, completed, counter, progress, extra_cal
     return len(history.epoch), time.monotonic() - start
 
 
-def _train_multi_worker(
-    config, strategy, model, steps_per_epoch, counter, progress, extra_callbacks
-):
+def _train_multi_worker(run, model, steps_per_epoch):
     """custom_loop.train, on every worker; returns (epochs run, seconds)."""
-    chief = distribute.is_chief(strategy)
+    config = run.config
     # Outside the strategy's scope: a plain counter variable of this worker.
     input_stats = data.InputStats()
     epoch_callbacks = [
         _stop_on_non_finite_loss(config, layout.MULTI_WORKER_DIR),
         callbacks_lib.LearningRateLogger(),
         # Every worker writes its own file (the one file a non-chief writes).
-        _InputStatsWriter(config.model_dir, input_stats),
+        training_input.InputStatsWriter(config.model_dir, input_stats),
     ]
-    if chief:
+    if run.chief:
         # Chief only: HeatmapSummary's `explain` reads only this worker's copy
         # of the variables, so it starts no collective op.
-        epoch_callbacks += _summaries(config, _eval_dataset(config, counter))
+        epoch_callbacks += _summaries(config, training_input.eval_dataset(config, run.counter))
     start = time.monotonic()
     history = custom_loop.train(
         model,
-        strategy,
-        _multi_worker_dataset_fn(config, counter, input_stats),
+        run.strategy,
+        training_input.multi_worker_dataset_fn(config, run.counter, input_stats),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
-        checkpoint_dir=os.path.join(config.model_dir, layout.MULTI_WORKER_DIR),
-        csv_path=os.path.join(config.model_dir, layout.LOG_FILE),
-        callbacks=[*epoch_callbacks, *extra_callbacks],
-        verbose=1 if progress else 0,
+        checkpoint_dir=run.path(layout.MULTI_WORKER_DIR),
+        csv_path=run.path(layout.LOG_FILE),
+        callbacks=[*epoch_callbacks, *run.callbacks],
+        verbose=1 if run.progress else 0,
     )
     return len(history.epoch), time.monotonic() - start
 
@@ -827,25 +558,23 @@ def _local_copy(model, config, num_classes, steps_per_epoch):
     return copy
 
 
-def _write_final_files(config, model, info, epochs_run, train_seconds, counter, say):
+def _write_final_files(run, model, epochs_run, train_seconds):
     """Saves model.keras, evaluates into metrics.json, rewrites config.json; returns the metrics."""
-    model_dir = config.model_dir
-    model_path = os.path.join(model_dir, layout.MODEL_FILE)
-    with layout.atomic_write_path(model_path) as temporary_path:
+    config, info, say = run.config, run.info, run.say
+    with layout.atomic_write_path(run.path(layout.MODEL_FILE)) as temporary_path:
         model.save(temporary_path)
-    backbone_path = os.path.join(model_dir, layout.BACKBONE_WEIGHTS_FILE)
-    with layout.atomic_write_path(backbone_path) as temporary_path:
+    with layout.atomic_write_path(run.path(layout.BACKBONE_WEIGHTS_FILE)) as temporary_path:
         model.backbone.save_weights(temporary_path)
-    layout.write_json(os.path.join(model_dir, layout.CONFIG_FILE), dataclasses.asdict(config))
+    layout.write_json(run.path(layout.CONFIG_FILE), dataclasses.asdict(config))
     metrics = _final_metrics(model, config, info, progress=say is not _silent)
     metrics["epochs"] = config.epochs
     metrics["epochs_run_this_time"] = epochs_run
     if epochs_run:
         metrics["mean_epoch_seconds_this_time"] = train_seconds / epochs_run
-    skipped = None if counter is None else counter.count
+    skipped = None if run.counter is None else run.counter.count
     if skipped is not None:
         metrics["skipped_corrupt_images"] = skipped
-    layout.write_json(os.path.join(model_dir, layout.METRICS_FILE), metrics)
+    layout.write_json(run.path(layout.METRICS_FILE), metrics)
 
     say(f"Trained {config.epochs} epochs ({epochs_run} in this run, {train_seconds:.0f} s).")
     if skipped:
@@ -855,7 +584,7 @@ def _write_final_files(config, model, info, epochs_run, train_seconds, counter, 
         value = metrics["explanations"].get(key)
         if value is not None:
             say(f"{info.eval_split} {key}: {value:.4f}")
-    say(f"Outputs in {os.path.abspath(model_dir)}:")
+    say(f"Outputs in {os.path.abspath(config.model_dir)}:")
     say(f"  {layout.MODEL_FILE} (final model), {layout.BACKBONE_WEIGHTS_FILE} "
         f"(for --init_weights), {layout.CONFIG_FILE}, {layout.METRICS_FILE}, {layout.LOG_FILE}")
     say(f"  {layout.CHECKPOINT_DIR}/ (resume state), {layout.TENSORBOARD_DIR}/ "

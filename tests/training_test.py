@@ -19,6 +19,7 @@ from cgc_tf import config as config_lib
 from cgc_tf import data
 from cgc_tf import model_dir as layout
 from cgc_tf import training
+from cgc_tf import training_input
 
 IMAGE_SIZE = 32
 
@@ -164,7 +165,7 @@ class RunTrainingTest(tf.test.TestCase):
             self.assertEqual(f.read(), written)
 
         def one_pass(completed_epochs):
-            (features, _), = list(training._train_dataset(config, 20, completed_epochs, None))
+            (features, _), = list(training_input.train_dataset(config, 20, completed_epochs, None))
             return features["image"].numpy().sum(axis=(1, 2, 3))
 
         # The resumed run's pipeline (seed shifted by the completed epoch) reads the
