@@ -1,13 +1,14 @@
 """Training settings: one frozen dataclass, the one home of every default.
 
 `TrainConfig()` with no arguments is the embedded main job (cluttered digits,
-small ResNet) that `cgc-train` runs without flags. `validate()` checks every
-field at once and raises one `ValueError` listing all problems, before any
+small ResNet) that `cgc-train` runs without flags; each field's metadata holds
+its flag's help text (train/config_flags.py makes the flags). `validate()` checks
+every field at once and raises one `ValueError` listing all problems, before any
 heavy work (data preparation, model building). Checks that need the model
 (target layer, init weights) happen in `cgc_tf.training`.
 
-This module is a leaf: standard library only, so binaries can parse and
-validate flags without importing TensorFlow.
+A leaf module: standard library only (importing it still runs cgc_tf/__init__.py,
+which imports TensorFlow).
 """
 
 import dataclasses
