@@ -22,12 +22,17 @@ def tiny_model(seed=0):
 
 
 def tiny_dataset(num_images=6, batch_size=4):
+    """Batches {"image", "label", "bbox"} of random images, two boxes per image."""
     rng = np.random.default_rng(0)
-    images = rng.uniform(size=(num_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-    labels = (np.arange(num_images) % 3).astype(np.int32)
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(
-        batch_size
-    )
+    boxes = np.full((num_images, 2, 4), -1.0, np.float32)
+    boxes[:, 0] = [0.1, 0.2, 0.6, 0.9]
+    boxes[::2, 1] = [0.5, 0.5, 1.0, 1.0]
+    elements = {
+        "image": rng.uniform(size=(num_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        "label": (np.arange(num_images) % 3).astype(np.int32),
+        "bbox": boxes,
+    }
+    return tf.data.Dataset.from_tensor_slices(elements).batch(batch_size)
 
 
 class LoadModelTest(tf.test.TestCase):
