@@ -253,6 +253,7 @@ class CGCModelTest(testing_base.TestCase):
         self.assertIn("accuracy", history)
         self.assertEqual(int(loaded.optimizer.iterations), 2 * int(model.optimizer.iterations))
 
+    @pytest.mark.slow  # a second process that imports TensorFlow: ~12 s of CPU
     def test_a_fresh_process_loads_a_cgc_train_model_with_its_optimizer(self):
         # cgc-train's optimizer has a LinearWarmup schedule; cgc-evaluate and
         # cgc-export load model.keras without importing cgc_tf.training.
