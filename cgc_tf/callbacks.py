@@ -25,6 +25,7 @@ from tensorflow.core.framework import summary_pb2
 from cgc_tf import visualize
 from cgc_tf.model_dir import atomic_write_path
 from cgc_tf.model_dir import remove_if_exists
+from cgc_tf.model_dir import write_json
 
 LOSS_KEYS = ("loss", "ce_loss", "cgc_loss")
 
@@ -191,9 +192,7 @@ class PreemptibleBackupAndRestore(keras.callbacks.BackupAndRestore):
             "batch": self._last_batch_seen,
             "weights": weights_file,
         }
-        with atomic_write_path(self._training_metadata_path) as temporary_path:
-            with open(temporary_path, "w") as f:
-                json.dump(metadata, f)
+        write_json(self._training_metadata_path, metadata)
         # Committed. The rest only tidies up: a kill from here on leaves the
         # previous weights file and latest.weights.h5 behind, both complete.
         with atomic_write_path(self._weights_path) as temporary_path:
