@@ -8,6 +8,7 @@ defaults. Binary-side: the library never imports absl.flags.
 
 Flag types follow the field annotations: bool, int, float, str (an enum when the
 field has choices), list[int] (a repeated flag); Optional[X] is X with an unset default.
+An int field's choices (views) are checked by `TrainConfig.validate`: absl enums are strings.
 """
 
 import dataclasses
