@@ -4,6 +4,8 @@
   python -m benchmarks.step_time --arch=resnet50 --batch_size=8 --jit_compile=false,true
   python -m benchmarks.step_time --arch=small_resnet --image_size=48 --dtype_policy=mixed_bfloat16
   python -m benchmarks.step_time --dtype_policy=float32,auto --variants=plain,cgc3
+  python -m benchmarks.step_time --dtype_policy=float32,auto --variants=plain,cgc3 \
+      --torch_reference=reference --memory=none
 
 Variants (`--variants`), all with the same backbone architecture, batch, image
 size and SGD optimizer:
@@ -22,6 +24,17 @@ are interleaved; "auto" is cgc-train's `--mixed_precision=auto`
 natively), and with float32 among the policies each row also gets its ratio to
 the float32 step of the same variant ("x f32"). The timed steps are interleaved (`common.interleaved_times`), so the CGC / plain
 ratio (the median of the per-round ratios) holds up on a loaded machine.
+
+`--torch_reference` adds the PyTorch step of each variant that has one
+(`benchmarks.torch_steps`: "reference" is the published code's model, plain and
+cgc3; "transcription" the step transcribed there, plain, cgc3 and cgc2; both
+ResNet-18/50, SGD as ours) to the same interleaved rounds, once per dtype
+policy: float32 as is, a bfloat16 (float16) policy under
+`torch.autocast(device_type="cpu", dtype=torch.bfloat16 (float16))`. Its rows
+(framework "torch") come after ours, and each of our rows gets its ratio to the
+torch step of the same variant and policy ("x torch", median of the per-round
+ratios). A torch step that cannot run (the reference's CGC step under bfloat16
+autocast calls numpy on a bfloat16 tensor) is reported with its error.
 
 Peak memory (`--memory=subprocess`) is measured per variant in a fresh process
 (so peaks do not mix), over `--memory_steps` steps after `--warmup_steps`
@@ -50,6 +63,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks import torch_steps  # noqa: E402
 
 VARIANTS = common.CGC_MODEL_STEP_VARIANTS
 ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
@@ -97,6 +111,25 @@ _LEARNING_RATE = flags.DEFINE_float(
     "learning_rate", 0.01, "SGD learning rate (momentum 0.9, weight decay 1e-4) of every variant."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the random batch.")
+_TORCH_REFERENCE = flags.DEFINE_enum(
+    "torch_reference",
+    "none",
+    ("none", *torch_steps.MODEL_CODES),
+    "Also time the PyTorch step of each variant, interleaved with ours (benchmarks."
+    "torch_steps: the reference's own model code or the transcription); needs torch.",
+)
+_REFERENCE_DIR = flags.DEFINE_string(
+    "reference_dir",
+    torch_steps.DEFAULT_REFERENCE_DIR,
+    "The reference repository (models/resnet_multigpu_cgc.py), for --torch_reference=reference.",
+)
+_THREADS = flags.DEFINE_integer(
+    "threads",
+    None,
+    "Intra-op threads of TensorFlow and of torch (>= 1; default: each framework's own, one "
+    "per core). One thread per framework keeps a loaded machine's scheduling out of the "
+    "comparison: torch's OpenMP threads spin-wait for each other at every barrier.",
+)
 _PROBE = flags.DEFINE_string(
     "probe", None, "Internal: measure the memory of one 'variant:jit' in this process and exit."
 )
@@ -119,8 +152,18 @@ def _check_flags():
             ("warmup_steps", _WARMUP_STEPS.value, 1),
             ("timed_steps", _TIMED_STEPS.value, 1),
             ("memory_steps", _MEMORY_STEPS.value, 1),
+            ("threads", _THREADS.value or 1, 1),
         )
     )
+    if _TORCH_REFERENCE.value != "none":
+        if _ARCH.value not in torch_steps.ARCHS:
+            raise app.UsageError(
+                f"--torch_reference needs --arch in {list(torch_steps.ARCHS)}, not {_ARCH.value!r}"
+            )
+        if _REPLICAS.value != 1:
+            raise app.UsageError("--torch_reference times one device: --replicas must be 1")
+        if _BATCH_SIZE.value < 2:
+            raise app.UsageError("--torch_reference needs --batch_size >= 2 (InfoNCE negatives)")
     if _BATCH_SIZE.value % _REPLICAS.value:
         raise app.UsageError(
             f"--batch_size={_BATCH_SIZE.value} must be a multiple of --replicas={_REPLICAS.value}"
@@ -131,6 +174,8 @@ def _configure_devices(replicas):
     """Carves `replicas` logical CPU devices when there is no GPU (before TF starts)."""
     import tensorflow as tf
 
+    if _THREADS.value:
+        tf.config.threading.set_intra_op_parallelism_threads(_THREADS.value)
     if replicas > 1 and not tf.config.list_physical_devices("GPU"):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -209,7 +254,78 @@ def _description(variant, jit, policy):
         "dtype_policy": policy,
         "keras_dtype_policy": _resolved_policy(policy),
         "replicas": _REPLICAS.value,
+        "threads": _THREADS.value,
     }
+
+
+# Keras dtype policy -> the torch.autocast dtype of the torch step paired with it.
+_TORCH_AUTOCAST = {"float32": "none", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def _torch_configurations():
+    """("torch", variant, policy) for each requested variant the torch step has."""
+    if _TORCH_REFERENCE.value == "none":
+        return []
+    variants = torch_steps.MODEL_CODE_VARIANTS[_TORCH_REFERENCE.value]
+    return [
+        ("torch", variant, policy)
+        for policy in _DTYPE_POLICY.value
+        for variant in _VARIANTS.value
+        if variant in variants
+    ]
+
+
+def _torch_steps():
+    """({configuration: step} of the torch steps that run, {configuration: error message})."""
+    import torch
+
+    if _THREADS.value:
+        torch.set_num_threads(_THREADS.value)
+    batch = torch_steps.random_batch(
+        _BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, _SEED.value
+    )
+    steps, errors = {}, {}
+    for configuration in _torch_configurations():
+        _, variant, policy = configuration
+        step = torch_steps.make_step(
+            _TORCH_REFERENCE.value, variant, _ARCH.value, _NUM_CLASSES.value, batch, _SEED.value,
+            autocast=_TORCH_AUTOCAST[_resolved_policy(policy)],
+            reference_dir=_REFERENCE_DIR.value,
+        )
+        try:
+            step()  # one untimed step: a step that cannot run is reported, not timed
+        except Exception as error:  # noqa: BLE001  (any failure is the row's result)
+            errors[configuration] = f"{type(error).__name__}: {error}"
+            continue
+        steps[configuration] = step
+    return steps, errors, {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def _torch_record(configuration, times, errors):
+    """The row of a torch step: its times, ratios to its plain and float32 steps, or its error."""
+    _, variant, policy = configuration
+    record = _description(variant, "false", policy)
+    del record["jit_compile"], record["replicas"]
+    record.update(
+        framework="torch",
+        torch_model_code=_TORCH_REFERENCE.value,
+        autocast=_TORCH_AUTOCAST[record["keras_dtype_policy"]],
+    )
+    if configuration in errors:
+        record["error"] = errors[configuration]
+        return record
+    record.update(common.summarize(times[configuration]))
+    record["images_per_s"] = _BATCH_SIZE.value / record["median_s"]
+    plain = ("torch", "plain", policy)
+    if plain in times:
+        record["plain_median_s"] = common.summarize(times[plain])["median_s"]
+        record.update(common.ratios_to(times[configuration], times[plain], "plain"))
+    if ("torch", variant, "float32") in times:
+        record.update(
+            common.ratios_to(times[configuration], times[("torch", variant, "float32")], "float32")
+        )
+    record["device"] = "CPU"
+    return record
 
 
 def _probe_memory(variant, jit, policy):
@@ -260,6 +376,7 @@ def _probe_flags(variant, jit, policy):
         f"--memory_steps={_MEMORY_STEPS.value}",
         f"--learning_rate={_LEARNING_RATE.value!r}",
         f"--seed={_SEED.value}",
+        *([f"--threads={_THREADS.value}"] if _THREADS.value else []),
         f"--probe={variant}:{jit}",
     ]
 
@@ -300,14 +417,21 @@ def run():
             steps[configuration] = common.make_train_step(model, variant, batch, strategy)
             # "auto" resolves inside compile; record what it chose.
             steps[configuration].resolved_jit = bool(model.jit_compile)
+    resolved_jit = {configuration: step.resolved_jit for configuration, step in steps.items()}
+    torch_errors = {}
+    if _torch_configurations():
+        torch_step_functions, torch_errors, torch_description = _torch_steps()
+        steps.update(torch_step_functions)
+        description.update(torch_description)
     times = common.interleaved_times(steps, _WARMUP_STEPS.value, _TIMED_STEPS.value)
     description["load_average_after"] = common.load_average()
     records = []
     for configuration in _configurations():
         variant, jit, policy = configuration
         record = _description(variant, jit, policy)
+        record["framework"] = "tensorflow"
         record.update(common.summarize(times[configuration]))
-        record["xla"] = steps[configuration].resolved_jit
+        record["xla"] = resolved_jit[configuration]
         record["images_per_s"] = _BATCH_SIZE.value / record["median_s"]
         if ("plain", jit, policy) in times:
             plain_times = times[("plain", jit, policy)]
@@ -316,6 +440,10 @@ def run():
         if (variant, jit, "float32") in times:
             record.update(
                 common.ratios_to(times[configuration], times[(variant, jit, "float32")], "float32")
+            )
+        if ("torch", variant, policy) in times:
+            record.update(
+                common.ratios_to(times[configuration], times[("torch", variant, policy)], "torch")
             )
         record["device"] = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         records.append(record)
@@ -332,23 +460,29 @@ def run():
             if reference is not None:
                 record["peak_ratio"] = record["peak_mib"] / reference["peak_mib"]
                 record["step_memory_ratio"] = record["step_mib"] / reference["step_mib"]
+    records += [_torch_record(c, times, torch_errors) for c in _torch_configurations()]
     for record in records:
         record["machine"] = description
     return description, records
 
 
 COLUMNS = [
+    ("framework", "framework"),
     ("variant", "variant"),
     ("jit_compile", "jit"),
     ("keras_dtype_policy", "policy"),
+    ("autocast", "torch autocast"),
     *common.PLAIN_COMPARISON_COLUMNS,
     ("ratio_to_float32", "x f32"),
+    ("ratio_to_torch", "x torch"),
+    ("cpu_ratio_to_torch", "CPU x torch"),
     ("images_per_s", "img/s"),
     ("peak_mib", "peak MiB"),
     ("peak_ratio", "peak x plain"),
     ("step_mib", "step MiB"),
     ("step_memory_ratio", "step x plain"),
     ("peak_rss_mib", "peak RSS MiB"),
+    ("error", "error"),
 ]
 
 
@@ -367,13 +501,21 @@ def main(argv):
     description, records = run()
     settings = (
         f"{_ARCH.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value}, "
-        f"{','.join(_DTYPE_POLICY.value)}, {_REPLICAS.value} replica(s), {_WARMUP_STEPS.value} warm-up + "
+        f"{','.join(_DTYPE_POLICY.value)}, {_REPLICAS.value} replica(s), "
+        f"{_THREADS.value or 'default'} intra-op threads, {_WARMUP_STEPS.value} warm-up + "
         f"{_TIMED_STEPS.value} timed steps per variant, interleaved; x plain = median of "
         "per-round ratios (wall clock; CPU = this process's CPU time); peak = TF allocator "
         "peak over the memory steps, step = peak - allocator use before them (see the "
         "module docstring)"
     )
-    common.print_report([common.format_machine(description), settings], records, COLUMNS)
+    header = [common.format_machine(description), settings]
+    if "torch" in description:
+        header.append(
+            f"torch {description['torch']} ({description['torch_threads']} threads), "
+            f"{_TORCH_REFERENCE.value} model code, interleaved with ours; x torch = median of "
+            "per-round ratios ours / torch (same variant and policy)"
+        )
+    common.print_report(header, records, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -376,5 +376,53 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertGreater(record["median_s"], 0.0)
 
 
+    def test_step_time_beside_the_torch_step_at_float32_and_auto(self):
+        try:
+            import torch  # noqa: F401  (optional benchmark dependency)
+        except ImportError:
+            self.skipTest("torch is not installed (optional, see docs/performance.md)")
+        from benchmarks import torch_steps
+        from cgc_tf import distribute
+
+        with self.assertRaisesRegex(ValueError, "variant='cgc2' must be one of"):
+            torch_steps.make_step("reference", "cgc2", "resnet18", 3, None, 0)
+        table, records = _run_benchmark(
+            "step_time", "--arch=resnet18", "--image_size=64", "--batch_size=2",
+            "--num_classes=3", "--variants=plain,cgc2", "--dtype_policy=float32,auto",
+            "--torch_reference=transcription", "--warmup_steps=1", "--timed_steps=1",
+            "--memory=none",
+        )
+        self.assertTrue(any("x torch" in line for line in table))
+        auto_policy = distribute.resolve_mixed_precision("auto", "default")[0]
+        autocast = {"float32": "none", "mixed_bfloat16": "bfloat16"}[auto_policy]
+        self.assertEqual(
+            [(r["framework"], r["variant"], r["keras_dtype_policy"], r.get("autocast"))
+             for r in records],
+            [("tensorflow", v, p, None) for p in ("float32", auto_policy) for v in ("plain", "cgc2")]
+            + [("torch", v, p, a) for p, a in (("float32", "none"), (auto_policy, autocast))
+               for v in ("plain", "cgc2")],
+        )
+        ours, theirs = records[:4], records[4:]
+        for record in records:
+            self.assertNotIn("error", record)
+            self.assertGreater(record["median_s"], 0.0)
+        for record, torch_record in zip(ours, theirs):
+            # One timed round: the per-round ratio is the quotient of the two medians.
+            self.assertAllClose(
+                record["ratio_to_torch"], record["median_s"] / torch_record["median_s"]
+            )
+            self.assertAllClose(
+                record["cpu_ratio_to_torch"],
+                record["cpu_median_s"] / torch_record["cpu_median_s"],
+            )
+        for torch_record in theirs:
+            self.assertEqual(torch_record["torch_model_code"], "transcription")
+            self.assertAllClose(
+                torch_record["ratio_to_plain"],
+                torch_record["median_s"] / torch_record["plain_median_s"],
+            )
+        self.assertEqual((theirs[0]["ratio_to_plain"], theirs[0]["ratio_to_float32"]), (1.0, 1.0))
+
+
 if __name__ == "__main__":
     tf.test.main()
