@@ -168,10 +168,14 @@ def interleaved_times(functions, warmup_steps, timed_steps):
 
 
 def summarize(times):
-    """Wall-clock median, min and max, CPU-time median (seconds) and the count.
+    """Wall-clock median, min and max, CPU-time median (seconds), the count, and the times.
 
     Args:
       times: one entry of `interleaved_times`: {"wall": [...], "cpu": [...]}.
+
+    Returns:
+      dict of floats median_s, min_s, max_s, cpu_median_s, int timed_steps, and the
+      per-round wall_s and cpu_s lists (so a record's ratios can be recomputed).
     """
     wall = times["wall"]
     return {
@@ -180,6 +184,8 @@ def summarize(times):
         "max_s": float(max(wall)),
         "cpu_median_s": float(statistics.median(times["cpu"])),
         "timed_steps": len(wall),
+        "wall_s": [float(value) for value in wall],
+        "cpu_s": [float(value) for value in times["cpu"]],
     }
 
 

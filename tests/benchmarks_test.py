@@ -1,13 +1,15 @@
 """Tests of benchmarks/: the shared helpers, and each benchmark end to end on a tiny setup.
 
-The end-to-end tests run the benchmarks as `python -m benchmarks.<name>` on tiny
-models and images and check the printed table and JSON lines; they make no
+The end-to-end tests (slow) run the benchmarks as `python -m benchmarks.<name>` on
+tiny models and images and check the printed table and JSON lines; they make no
 assertion on timings (the machine is shared), only on what must hold whatever
-the speed.
+the speed: the requested settings, and every ratio, rate and summary recomputed
+from the record's own fields.
 """
 
 import io
 import json
+import statistics
 import subprocess
 import sys
 
@@ -37,6 +39,32 @@ def _run_benchmark(module, *flags):
     return table, records
 
 
+class _RecordChecks(tf.test.TestCase):
+    """What a benchmark record's numbers mean, recomputed from its own fields."""
+
+    def assert_summary(self, record, timed_steps, prefix=""):
+        """median/min/max/CPU median (seconds) are those of the record's per-round times."""
+        wall, cpu = record[f"{prefix}wall_s"], record[f"{prefix}cpu_s"]
+        self.assertLen(wall, timed_steps)
+        self.assertLen(cpu, timed_steps)
+        self.assertEqual(record[f"{prefix}timed_steps"], timed_steps)
+        self.assertTrue(all(value > 0 for value in wall), wall)
+        self.assertAllClose(record[f"{prefix}median_s"], statistics.median(wall))
+        self.assertAllClose(record[f"{prefix}min_s"], min(wall))
+        self.assertAllClose(record[f"{prefix}max_s"], max(wall))
+        self.assertAllClose(record[f"{prefix}cpu_median_s"], statistics.median(cpu))
+
+    def assert_ratios_to(self, record, reference, name):
+        """ratio_to_<name> is the median of the per-round quotients of the wall times."""
+        self.assertAllClose(
+            record[f"ratio_to_{name}"], common.paired_ratio(record["wall_s"], reference["wall_s"])
+        )
+        self.assertAllClose(
+            record[f"cpu_ratio_to_{name}"],
+            common.paired_ratio(record["cpu_s"], reference["cpu_s"]),
+        )
+
+
 class CommonTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_interleaved_times_rotates_the_order(self):
@@ -61,6 +89,8 @@ class CommonTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(summary["max_s"], 10.0)
         self.assertEqual(summary["cpu_median_s"], 1.5)
         self.assertEqual(summary["timed_steps"], 4)
+        self.assertEqual(summary["wall_s"], [3.0, 1.0, 2.0, 10.0])
+        self.assertEqual(summary["cpu_s"], [1.0, 1.0, 2.0, 2.0])
 
     def test_paired_ratio_is_the_median_of_per_round_ratios(self):
         # Round 2 ran under load: both got slower, the ratio did not change.
@@ -203,8 +233,9 @@ class ExplainThroughputTest(tf.test.TestCase):
                 explain_throughput.parse_models([bad])
 
 
-class BenchmarksEndToEndTest(tf.test.TestCase):
+class BenchmarksEndToEndTest(_RecordChecks):
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_step_time(self):
         table, records = _run_benchmark(
             "step_time",
@@ -232,7 +263,30 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertEqual(plain["ratio_to_plain"], 1.0)
         self.assertEqual(plain["peak_ratio"], 1.0)
         self.assertEqual([r["views"] for r in records], [1, 1, 2])
+        for record in records:
+            # The requested setup, and the numbers recomputed from the record's fields.
+            self.assertEqual(
+                (record["arch"], record["image_size"], record["batch_size"],
+                 record["num_classes"], record["jit_compile"], record["dtype_policy"]),
+                ("small_resnet", 16, 4, 3, "false", "float32"),
+            )
+            self.assert_summary(record, timed_steps=2)
+            self.assertAllClose(record["images_per_s"], 4 / record["median_s"])
+            self.assertEqual(record["plain_median_s"], plain["median_s"])
+            self.assert_ratios_to(record, plain, "plain")
+            self.assertAllClose(record["peak_ratio"], record["peak_mib"] / plain["peak_mib"])
+            self.assertAllClose(
+                record["step_memory_ratio"], record["step_mib"] / plain["step_mib"]
+            )
+            # The allocator's peak is tensors written during the steps: resident memory.
+            self.assertGreaterEqual(record["peak_rss_mib"], record["peak_mib"])
+        # The CGC step keeps the activations of two forward passes and the Grad-CAM
+        # gradients for its backward pass: more than the plain step, whatever the speed.
+        cgc2 = records[2]
+        self.assertGreater(cgc2["peak_ratio"], 1.0)
+        self.assertGreater(cgc2["step_memory_ratio"], 1.0)
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_step_time_float32_and_auto_side_by_side(self):
         from cgc_tf import distribute
 
@@ -246,7 +300,14 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertEqual([r["keras_dtype_policy"] for r in records], ["float32", auto_policy])
         self.assertEqual(records[0]["ratio_to_float32"], 1.0)
         self.assertGreater(records[1]["ratio_to_float32"], 0.0)
+        for record in records:
+            self.assert_summary(record, timed_steps=2)
+            self.assert_ratios_to(record, records[0], "float32")
+            # One variant: each policy's plain step is its own reference.
+            self.assertEqual(record["ratio_to_plain"], 1.0)
+            self.assertNotIn("peak_mib", record)  # --memory=none
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_explain_latency(self):
         table, records = _run_benchmark(
             "explain_latency",
@@ -265,10 +326,29 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         for record in records:
             self.assertGreater(record["predict_median_ms"], 0)
             self.assertGreater(record["explain_median_ms"], 0)
+            self.assertEqual(
+                (record["arch"], record["image_size"], record["num_classes"]),
+                ("small_resnet", 16, 3),
+            )
+            for kind in ("predict", "explain"):
+                self.assert_summary(record, timed_steps=2, prefix=f"{kind}_")
+                self.assertAllClose(
+                    record[f"{kind}_median_ms"], 1000 * record[f"{kind}_median_s"]
+                )
+            # Overhead = median of the per-round explain / predict quotients - 1.
+            self.assertAllClose(
+                record["heatmap_overhead"],
+                common.paired_ratio(record["explain_wall_s"], record["predict_wall_s"]) - 1,
+            )
+            self.assertAllClose(
+                record["heatmap_cpu_overhead"],
+                common.paired_ratio(record["explain_cpu_s"], record["predict_cpu_s"]) - 1,
+            )
             # The backbone has a pooling + dense head: exports use the closed form.
             expected = "gradient_tape" if record["surface"] == "keras" else "closed_form"
             self.assertEqual(record["heatmap_method"], expected)
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_input_pipeline(self):
         table, records = _run_benchmark(
             "input_pipeline",
@@ -296,6 +376,18 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
             self.assertEqual([r["epoch"] for r in epochs], [1, 2])
             # Incomplete batches are dropped: 2 batches of 4 out of 10 images.
             self.assertEqual([r["images"] for r in epochs], [8, 8])
+            for epoch in epochs:
+                self.assertGreater(epoch["seconds"], 0.0)
+                self.assertAllClose(epoch["images_per_s"], epoch["images"] / epoch["seconds"])
+            self.assertEqual(
+                (summary["num_images"], summary["batch_size"], summary["image_size"]),
+                (10, 4, 16),
+            )
+            self.assertAllClose(summary["consumer_images_per_s"], 4 / summary["consumer_median_s"])
+            self.assertAllClose(
+                summary["first_epoch_to_step_ratio"],
+                summary["first_epoch_images_per_s"] / summary["consumer_images_per_s"],
+            )
             self.assertEqual(summary["pipeline_images_per_s"], epochs[-1]["images_per_s"])
             self.assertEqual(summary["first_epoch_images_per_s"], epochs[0]["images_per_s"])
             self.assertAllClose(
@@ -312,6 +404,7 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertNotEqual(completed.returncode, 0)
         self.assertIn("--inputs=folder,tape must be distinct names from", completed.stderr)
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_crop_flip_resize(self):
         table, records = _run_benchmark(
             "crop_flip_resize",
@@ -333,6 +426,7 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
             ],
         )
         for record in records:
+            self.assertEqual((record["batch_size"], record["image_size"]), (2, 16))
             self.assertEqual(record["timed_calls"], 2)
             self.assertLessEqual(record["min_ms"], record["median_ms"])
             self.assertLessEqual(record["median_ms"], record["max_ms"])
@@ -343,6 +437,7 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
                 if record["jit_compile"] == "false":
                     self.assertEqual(record["max_abs_difference"], 0.0)
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_reference_torch(self):
         try:
             import torch  # noqa: F401  (optional benchmark dependency)
@@ -360,7 +455,18 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         self.assertTrue(any("x plain" in line for line in table))
         self.assertEqual([r["variant"] for r in records], ["plain", "cgc3", "cgc2"])
         self.assertEqual(records[0]["ratio_to_plain"], 1.0)
+        for record in records:
+            self.assertNotIn("error", record)
+            self.assertEqual(
+                (record["arch"], record["image_size"], record["batch_size"],
+                 record["num_classes"]),
+                ("resnet18", 32, 2, 3),
+            )
+            self.assert_summary(record, timed_steps=1)
+            self.assertEqual(record["plain_median_s"], records[0]["median_s"])
+            self.assert_ratios_to(record, records[0], "plain")
 
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_reference_torch_with_the_reference_code_under_autocast(self):
         try:
             import torch  # noqa: F401  (optional benchmark dependency)
@@ -374,8 +480,10 @@ class BenchmarksEndToEndTest(tf.test.TestCase):
         (record,) = records
         self.assertEqual((record["model_code"], record["autocast"]), ("reference", "bfloat16"))
         self.assertGreater(record["median_s"], 0.0)
+        self.assert_summary(record, timed_steps=1)
+        self.assertEqual(record["ratio_to_plain"], 1.0)
 
-
+    @pytest.mark.slow  # a benchmark process: 10-60 s of CPU
     def test_step_time_beside_the_torch_step_at_float32_and_auto(self):
         try:
             import torch  # noqa: F401  (optional benchmark dependency)
