@@ -104,13 +104,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Same arguments, variables (names, shapes, dtypes), moving-statistics update
     (`moving = momentum * moving + (1 - momentum) * batch`, the biased batch
     variance) and outputs to float rounding, for channels-last inputs [B, H, W, C]
-    of dtype float32, float16 or bfloat16 (statistics and the affine map in
+    of dtype float16 or bfloat16, or float32 (below) (statistics and the affine map in
     float32, output in the input's dtype). Keras 3 normalises with about ten
     elementwise and reduction ops in float32 and casts a half-precision input up
     and back down; the fused kernel (`FusedBatchNormV3`, its gradient
     `FusedBatchNormGradV3`) is one op each way and reads the half-precision
     tensor directly. Under `mixed_bfloat16` the unfused layer was the largest
     share of a ResNet training step on the CPU (docs/performance.md).
+
+    By default (`fused=None`) only half-precision inputs take the kernel; float32
+    inputs run Keras' own code. In float32 the kernel's (oneDNN's) gradients are
+    rounded differently enough to matter against the reference: on
+    tests/reference_parity_test.py's CGC step they move the parameter gradients
+    past that test's norm tolerance, which Keras' path stays within
+    (docs/performance.md). Under mixed precision the bfloat16 rounding of the
+    activations dominates either way. `fused=True` takes the kernel for float32
+    too (a faster float32 step), `fused=False` never.
 
     Anything the kernel does not cover runs Keras' own code: other ranks or axes,
     float64, masks, batch renormalisation, and `synchronized=True` (batch
@@ -122,14 +131,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
     `.keras` files record it as "cgc_tf>BatchNormalization".
     """
 
+    def __init__(self, fused=None, **kwargs):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r} must be None, True or False")
+        super().__init__(**kwargs)
+        self.fused = fused
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
+
     def _fused(self, inputs, mask):
+        half = (tf.float16, tf.bfloat16)
+        dtypes = half if self.fused is None else (tf.float32, *half)
         return (
-            mask is None
+            self.fused is not False
+            and mask is None
             and not self.synchronized
             and not self.renorm
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
-            and tf.as_dtype(inputs.dtype) in (tf.float32, tf.float16, tf.bfloat16)
+            and tf.as_dtype(inputs.dtype) in dtypes
         )
 
     def call(self, inputs, training=None, mask=None):

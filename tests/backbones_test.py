@@ -160,7 +160,8 @@ def _batch_norm_pair(seed, **arguments):
     rng = np.random.default_rng(seed)
     layers = (
         keras.layers.BatchNormalization(**arguments),
-        backbones.BatchNormalization(**arguments),
+        # fused=True: the kernel also for float32 (by default only for half precision).
+        backbones.BatchNormalization(fused=True, **arguments),
     )
     for layer in layers:
         layer.build((None, 5, 6, 8))
@@ -227,6 +228,23 @@ class FusedBatchNormalizationTest(tf.test.TestCase, parameterized.TestCase):
                 fresh.moving_variance, 0.9 * initial_variance + 0.1 * variance, atol=1e-5
             )
 
+    def test_kernel_for_half_precision_by_default(self):
+        def op_types(layer, dtype):
+            function = tf.function(lambda x: layer(x, training=True))
+            graph = function.get_concrete_function(tf.TensorSpec((2, 4, 4, 8), dtype)).graph
+            return {op.type for op in graph.get_operations()}
+
+        for fused, dtype, kernel in (
+            (None, tf.bfloat16, True), (None, tf.float32, False),
+            (True, tf.float32, True), (False, tf.bfloat16, False),
+        ):
+            policy = "mixed_bfloat16" if dtype == tf.bfloat16 else "float32"
+            layer = backbones.BatchNormalization(fused=fused, dtype=policy)
+            layer.build((None, 4, 4, 8))
+            self.assertEqual("FusedBatchNormV3" in op_types(layer, dtype), kernel, (fused, dtype))
+        with self.assertRaisesRegex(ValueError, "fused='yes' must be None, True or False"):
+            backbones.BatchNormalization(fused="yes")
+
     def test_frozen_layer_uses_its_moving_statistics(self):
         keras_layer, fused_layer = _batch_norm_pair(2, momentum=0.9, epsilon=1e-5)
         keras_layer.trainable = fused_layer.trainable = False
@@ -292,7 +310,9 @@ class FusedBatchNormalizationTest(tf.test.TestCase, parameterized.TestCase):
 
         def plain_batch_norm(layer):
             if isinstance(layer, backbones.BatchNormalization):
-                return keras.layers.BatchNormalization.from_config(layer.get_config())
+                config = layer.get_config()
+                del config["fused"]
+                return keras.layers.BatchNormalization.from_config(config)
             return layer.__class__.from_config(layer.get_config())
 
         # The same network with Keras' own BatchNormalization (what models saved
