@@ -9,16 +9,9 @@ Public API:
   gradcam, losses           Grad-CAM by GradientTape; InfoNCE / MSE consistency.
   metrics                   explanation metrics on tensors (sanity, ROAD, sparseness, ...).
   CoupledSGD, optimizers    torch.optim.SGD's update (coupled L2 weight decay).
-
-Imports are lazy: config, console, model_dir, run_lock and evaluation_progress need no
-TensorFlow. The names above are imported together on first use, registering cgc_tf's Keras
-serializables; `import cgc_tf` does so at once if Keras is already imported, as does
-`model_dir.load_model`. Importing any other submodule imports Keras quietly first.
 """
 
-import importlib
 import os
-import sys
 
 __version__ = "0.1.0"
 
@@ -27,25 +20,30 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from cgc_tf import console  # noqa: E402 (standard library only)
 
-# Submodules that import neither Keras nor TensorFlow.
-_WITHOUT_TENSORFLOW = frozenset({"config", "console", "evaluation_progress", "model_dir", "run_lock"})
-# The public names: each one's submodule (a submodule's own name: the submodule).
-_SOURCES = {
-    "CGCModel": "model",
-    "CoupledSGD": "optimizers",
-    "PairedAugmentation": "augment",
-    "augment": "augment",
-    "backbones": "backbones",
-    "distribute": "distribute",
-    "explain": "explainers",
-    "explainers": "explainers",
-    "gradcam": "gradcam",
-    "losses": "losses",
-    "metrics": "metrics",
-    "optimizers": "optimizers",
-    "resample": "resample",
-    "schedules": "schedules",
-}
+# TensorFlow's import prints C++ start-up notices that TF_CPP_MIN_LOG_LEVEL cannot hide.
+with console.quiet_stderr():
+    import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        f"cgc_tf needs the TensorFlow Keras backend, but KERAS_BACKEND is "
+        f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras"
+    )
+
+from cgc_tf import augment  # noqa: E402
+from cgc_tf import backbones  # noqa: E402
+from cgc_tf import distribute  # noqa: E402
+from cgc_tf import explainers  # noqa: E402
+from cgc_tf import gradcam  # noqa: E402
+from cgc_tf import losses  # noqa: E402
+from cgc_tf import metrics  # noqa: E402
+from cgc_tf import optimizers  # noqa: E402
+from cgc_tf import resample  # noqa: E402
+from cgc_tf import schedules  # noqa: E402
+from cgc_tf.augment import PairedAugmentation  # noqa: E402
+from cgc_tf.explainers import explain  # noqa: E402
+from cgc_tf.model import CGCModel  # noqa: E402
+from cgc_tf.optimizers import CoupledSGD  # noqa: E402
 
 __all__ = [
     "CGCModel",
@@ -64,63 +62,3 @@ __all__ = [
     "schedules",
     "__version__",
 ]
-
-
-def _import_keras():
-    """Imports Keras without TensorFlow's C++ start-up notices; checks its backend."""
-    if "keras" not in sys.modules:
-        # TensorFlow's import prints C++ start-up notices that TF_CPP_MIN_LOG_LEVEL cannot hide.
-        with console.quiet_stderr():
-            import keras  # noqa: F401
-    backend = sys.modules["keras"].backend.backend()
-    if backend != "tensorflow":
-        raise ImportError(
-            f"cgc_tf needs the TensorFlow Keras backend, but KERAS_BACKEND is {backend!r}; "
-            "set KERAS_BACKEND=tensorflow before importing keras"
-        )
-
-
-def _import_public_modules():
-    """Imports the submodules of `__all__`, registering cgc_tf's Keras serializables."""
-    _import_keras()
-    for module in sorted(set(_SOURCES.values())):
-        importlib.import_module(f"{__name__}.{module}")
-
-
-class _KerasFirst:
-    """A meta path finder that imports Keras quietly before a cgc_tf submodule needing it.
-
-    It finds nothing itself. Only Keras is imported here (never a cgc_tf module,
-    which the import in progress might be).
-    """
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        package, _, rest = name.partition(".")
-        if package == __name__ and rest.split(".")[0] not in _WITHOUT_TENSORFLOW:
-            _import_keras()
-        return None
-
-
-if not any(finder is _KerasFirst for finder in sys.meta_path):
-    sys.meta_path.insert(0, _KerasFirst)
-
-if "keras" in sys.modules:
-    # Keras is here already: register the serializables now, as a direct
-    # keras.saving.load_model of a cgc_tf model needs them.
-    _import_public_modules()
-
-
-def __getattr__(name):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _import_public_modules()
-    value = sys.modules[f"{__name__}.{_SOURCES[name]}"]
-    if name != _SOURCES[name]:
-        value = getattr(value, name)
-    globals()[name] = value  # Later look-ups skip this function.
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))

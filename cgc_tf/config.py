@@ -7,8 +7,8 @@ every field at once and raises one `ValueError` listing all problems, before any
 heavy work (data preparation, model building). Checks that need the model
 (target layer, init weights) happen in `cgc_tf.training`.
 
-A leaf module: standard library only (cgc_tf/__init__.py imports lazily, so importing
-it loads no TensorFlow).
+A leaf module: standard library only (importing it still runs cgc_tf/__init__.py,
+which imports TensorFlow).
 """
 
 import dataclasses

@@ -134,9 +134,9 @@ def visible_devices():
     Lists physical devices only, so the runtime stays unconfigured (strategies,
     logical devices) and the "failed call to cuInit" of CPU-only machines is hidden.
     """
-    with quiet_stderr():
-        import tensorflow as tf  # noqa: PLC0415 (this module is imported before TensorFlow)
+    import tensorflow as tf  # noqa: PLC0415 (this module is imported before TensorFlow)
 
+    with quiet_stderr():
         devices = tf.config.list_physical_devices()
     counts = collections.Counter(device.device_type for device in devices)
     return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
@@ -151,9 +151,7 @@ def prepare_binary(flag_values, module):
     changes when `module` runs as `__main__`, as in `python -m train.main`).
     TensorFlow's first device query then happens here, quietly: otherwise an
     absl after-init callback of TensorFlow's makes it inside `app.run` and logs
-    "failed call to cuInit" on machines without CUDA. A binary that has not
-    imported TensorFlow yet skips it (its --help stays fast): imported later,
-    through cgc_tf's quiet Keras import, TensorFlow runs that callback at once.
+    "failed call to cuInit" on machines without CUDA.
 
     Args:
       flag_values: absl's `flags.FLAGS` (passed in: the library does not import
@@ -165,5 +163,4 @@ def prepare_binary(flag_values, module):
         main.__doc__ = module.__doc__
         for flag in flag_values.get_key_flags_for_module(module.__name__):
             flag_values.register_key_flag_for_module(sys.argv[0], flag)
-    if "tensorflow" in sys.modules:
-        visible_devices()
+    visible_devices()

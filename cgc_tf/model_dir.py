@@ -171,8 +171,8 @@ def load_model(path):
     """Loads the Keras model of a `.keras` file or a model_dir, without compiling it.
 
     Evaluation and export only run the forward pass and Grad-CAM, so the
-    optimizer state is not restored. cgc_tf's Keras serializables (`CGCModel`,
-    `PairedAugmentation`, ...) are registered first.
+    optimizer state is not restored. Importing `cgc_tf` registered `CGCModel`
+    and `PairedAugmentation` for deserialisation.
 
     Args:
       path: as `model_file`.
@@ -183,10 +183,6 @@ def load_model(path):
     Raises:
       ValueError: as `model_file`.
     """
-    # Here, so that the names above are readable without Keras.
-    import keras
+    import keras  # Here, so that the names above are readable without Keras.
 
-    import cgc_tf
-
-    cgc_tf._import_public_modules()
     return keras.saving.load_model(model_file(path), compile=False)

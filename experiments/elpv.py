@@ -47,7 +47,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A checkout's own cgc_tf and experiments, whether or not it is pip-installed.
 sys.path.insert(0, REPO)
 
-from cgc_tf import model_dir as layout  # noqa: E402
 from experiments import elpv_runs  # noqa: E402  (after the path insert)
 from experiments import runs as runs_lib  # noqa: E402
 from experiments.elpv_runs import DEFAULT_REGIMES, FLAGFILES, METHODS  # noqa: E402
@@ -128,7 +127,7 @@ def main(argv):
         output_dir, seeds,
         lambda seed: os.path.join(
             next(model_dir for _, _, run_seed, _, model_dir in others if run_seed == seed),
-            layout.CONFIG_FILE,
+            runs_lib.CONFIG_FILE,
         ),
     )
     results += [{"regime": names[0], "method": runs_lib.UNTRAINED, "seed": seed,

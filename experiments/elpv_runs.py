@@ -7,7 +7,6 @@ the regimes, methods and outputs.
 import json
 import os
 
-from cgc_tf import model_dir as layout
 from experiments import runs as runs_lib
 
 REPO = runs_lib.REPO
@@ -59,7 +58,7 @@ def pretrain_dir(output_dir):
 
 def pretrained_weights(output_dir):
     """The backbone weights the *_pretrained runs start from."""
-    return os.path.join(pretrain_dir(output_dir), layout.BACKBONE_WEIGHTS_FILE)
+    return os.path.join(pretrain_dir(output_dir), runs_lib.BACKBONE_WEIGHTS_FILE)
 
 
 def _dataset(cell_type, holdout):
@@ -141,7 +140,7 @@ def read_metrics(model_dir):
     metrics = runs_lib.read_metrics(model_dir)
     if metrics is None:
         return None
-    with open(os.path.join(model_dir, layout.METRICS_FILE)) as f:
+    with open(os.path.join(model_dir, runs_lib.METRICS_FILE)) as f:
         raw = json.load(f)
     seconds = raw.get("mean_epoch_seconds_this_time")
     metrics["train_minutes"] = None if seconds is None else seconds * raw["epochs"] / 60.0
@@ -184,7 +183,7 @@ def write_grid(path, run_dirs, seed, count=6):
     from cgc_tf import config as config_lib
     from cgc_tf import evaluation
 
-    with open(os.path.join(next(iter(run_dirs.values())), layout.CONFIG_FILE)) as f:
+    with open(os.path.join(next(iter(run_dirs.values())), runs_lib.CONFIG_FILE)) as f:
         config = config_lib.TrainConfig.from_json(f.read())
     images, labels = grid_cells(config.dataset, config.image_size, count, config.data_dir)
     models = {method: evaluation.load_model(run_dir) for method, run_dir in run_dirs.items()}

@@ -39,7 +39,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A checkout's own cgc_tf and experiments, whether or not it is pip-installed.
 sys.path.insert(0, REPO)
 
-from cgc_tf import model_dir as layout  # noqa: E402
 from experiments import runs as runs_lib  # noqa: E402  (after the path insert)
 from experiments.runs import FLAGFILES, METHODS, PAPER_METHODS  # noqa: E402
 
@@ -106,7 +105,7 @@ def main(argv):
         output_dir, seeds,
         lambda seed: os.path.join(
             runs_lib.run_dir(output_dir, _REGIMES.value[0], _METHODS.value[0], seed),
-            layout.CONFIG_FILE,
+            runs_lib.CONFIG_FILE,
         ),
     )
     for regime in _REGIMES.value:

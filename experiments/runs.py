@@ -14,9 +14,6 @@ import time
 
 import numpy as np
 
-# Standard library only: the driver process needs TensorFlow only for the untrained floor.
-from cgc_tf import model_dir as layout
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = {
     "full": "cluttered_digits.cfg",
@@ -46,6 +43,11 @@ COLUMNS = (
     ("pointing_game", "pointing %", 100.0),
 )
 UNTRAINED = "untrained"
+# cgc_tf.model_dir's names, restated: importing cgc_tf imports TensorFlow, which this
+# process needs only for the untrained floor (tests/model_dir_test.py checks they agree).
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # The command line a run directory was started with (run_all).
 COMMAND_FILE = "command.json"
 
@@ -95,7 +97,7 @@ def train_command(regime, method, seed, model_dir, extra=(), holdout=False):
 
 def read_metrics(model_dir):
     """The flat metrics of a finished run, or None when it has not finished."""
-    path = os.path.join(model_dir, layout.METRICS_FILE)
+    path = os.path.join(model_dir, METRICS_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -228,7 +230,7 @@ def check_same_command(command, model_dir, require_record=True):
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f)
-    elif require_record and os.path.exists(os.path.join(model_dir, layout.CONFIG_FILE)):
+    elif require_record and os.path.exists(os.path.join(model_dir, CONFIG_FILE)):
         recorded = None
     else:
         return

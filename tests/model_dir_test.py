@@ -1,6 +1,5 @@
 """cgc_tf.model_dir: atomic writes keep the old file whole on failure; names; loading rule."""
 
-import importlib
 import json
 import os
 import shutil
@@ -15,7 +14,6 @@ import tensorflow as tf
 import cgc_tf
 from cgc_tf import model_dir
 from tests import testing_models
-from tests import testing_processes
 
 
 def _temporary_directory(test):
@@ -129,36 +127,16 @@ class NamesTest(tf.test.TestCase):
             model_dir.input_stats_file(3), os.path.join("input_stats", "worker-3.json")
         )
 
+    def test_experiments_restate_the_names(self):
+        # experiments/ cannot import cgc_tf (it imports TensorFlow) in its driver process.
+        from experiments import elpv_runs
+        from experiments import runs
 
-class LazyImportTest(tf.test.TestCase):
-    def test_the_layout_config_and_experiments_import_without_tensorflow(self):
-        # The experiment drivers and cgc-evaluate --help use these names without
-        # paying for TensorFlow's import.
-        script = (
-            "import sys\n"
-            "import cgc_tf.config, cgc_tf.model_dir, experiments.runs, experiments.elpv_runs\n"
-            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))\n"
+        self.assertEqual(runs.METRICS_FILE, model_dir.METRICS_FILE)
+        self.assertEqual(runs.CONFIG_FILE, model_dir.CONFIG_FILE)
+        self.assertEqual(
+            os.path.basename(elpv_runs.pretrained_weights("out")), model_dir.BACKBONE_WEIGHTS_FILE
         )
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True,
-            cwd=testing_processes.REPO, env=testing_processes.subprocess_environment(),
-        )
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        self.assertEqual(result.stdout.strip(), "[]")
-
-    def test_every_public_name_is_its_submodules_object(self):
-        sources = {"CGCModel": "model", "CoupledSGD": "optimizers",
-                   "PairedAugmentation": "augment", "explain": "explainers"}
-        for name in cgc_tf.__all__:
-            if name == "__version__":
-                self.assertIsInstance(cgc_tf.__version__, str)
-                continue
-            module = importlib.import_module(f"cgc_tf.{sources.get(name, name)}")
-            expected = module if name not in sources else getattr(module, name)
-            self.assertIs(getattr(cgc_tf, name), expected, name)
-            self.assertIn(name, dir(cgc_tf))
-        with self.assertRaisesRegex(AttributeError, "no_such_name"):
-            cgc_tf.no_such_name  # noqa: B018
 
 
 class LoadingTest(tf.test.TestCase):
