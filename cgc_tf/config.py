@@ -23,6 +23,7 @@ from typing import Optional
 ARCHS = ("small_resnet", "resnet18", "resnet34", "resnet50")
 LR_SCHEDULES = ("step", "cosine", "constant")
 CONSISTENCIES = ("contrastive", "mse", "none")
+# Mirrors `cgc_tf.model.VIEWS` (checked by tests/config_test.py), for the same reason.
 VIEWS = (2, 3)
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 # "auto": bfloat16 where the devices compute it natively, else float32

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from cgc_tf import backbones
 from cgc_tf import config as config_lib
+from cgc_tf import model as model_lib
 
 
 class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
@@ -42,6 +43,9 @@ class TrainConfigTest(tf.test.TestCase, parameterized.TestCase):
     def test_archs_mirror_backbones(self):
         self.assertEqual(sorted(config_lib.ARCHS), sorted(backbones.BUILDERS))
         self.assertEqual(sorted(config_lib.MIN_IMAGE_SIZE), sorted(backbones.BUILDERS))
+
+    def test_views_mirror_the_model(self):
+        self.assertEqual(config_lib.VIEWS, model_lib.VIEWS)
 
     def test_arch_accepts_keras_applications_and_module_callable(self):
         for arch in ("MobileNetV2", "my_package.models:build"):
