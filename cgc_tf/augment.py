@@ -539,12 +539,3 @@ class PairedAugmentation(keras.layers.Layer):
             ]
         return cls(**config)
 
-
-def check_xla_compatible(augmentation):
-    """Raises ValueError if `augmentation` (a PairedAugmentation) cannot run under XLA."""
-    if not isinstance(augmentation, PairedAugmentation):
-        raise ValueError(
-            "`augmentation` must be a cgc_tf PairedAugmentation; received "
-            f"{type(augmentation).__name__}."
-        )
-    augmentation.require_xla_compatible()

@@ -16,7 +16,6 @@ from cgc_tf import explanation_metrics
 from cgc_tf import metrics
 from cgc_tf import visualize
 
-DEFAULT_IMAGES = 32
 DEFAULT_SENSITIVITY_RADIUS = 0.02
 DEFAULT_SENSITIVITY_SAMPLES = 5
 DEFAULT_RANDOMIZATION_LAYERS = 4

@@ -210,24 +210,6 @@ def logits_model(model):
     return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
 
 
-def default_target_layer(model):
-    """The last layer of `model` that `target_candidates` accepts.
-
-    `cgc_tf.explainers.auto_target_layer` also checks that the class score
-    depends on the layer's positions.
-
-    Raises:
-      ValueError: if the model has no such layer.
-    """
-    candidates = target_candidates(model)
-    if not candidates:
-        raise ValueError(
-            f"model {model.name!r} has no layer with a spatial [B, h, w, k] (h * w > 1) "
-            "or token-grid [B, N, D] output to explain"
-        )
-    return candidates[-1]
-
-
 def feature_model(model, target_layer):
     """A model sharing `model`'s weights that returns (features, logits).
 

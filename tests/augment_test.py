@@ -185,7 +185,6 @@ class PairedAugmentationTest(tf.test.TestCase, parameterized.TestCase):
         augmentation = augment.PairedAugmentation(geometric_layers=make_layers())
         self.assertTrue(augmentation.xla_compatible)
         augmentation.require_xla_compatible()
-        augment.check_xla_compatible(augmentation)
         images = _images()
         heatmaps = images[..., 0]
 
@@ -302,7 +301,7 @@ class PairedAugmentationTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, f"{type(layer).__name__} '{layer.name}'"):
             augmentation.require_xla_compatible()
         with self.assertRaisesRegex(ValueError, "jit_compile=False"):
-            augment.check_xla_compatible(augmentation)
+            augmentation.require_xla_compatible()
         # The rotation has an XLA path: it is not among the offending layers.
         rotation = augmentation.geometric_layers[0]
         try:

@@ -74,8 +74,8 @@ class GradcamTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, r"target_layer='pool'"):
             gradcam.feature_model(self.model, "pool")
 
-    def test_default_target_layer_is_last_4d(self):
-        self.assertEqual(gradcam.default_target_layer(self.model), "features")
+    def test_last_target_candidate_is_last_4d(self):
+        self.assertEqual(gradcam.target_candidates(self.model)[-1], "features")
 
     def test_other_heads_have_no_closed_form(self):
         model = testing_models.tiny_convnet_flatten_head()

@@ -29,7 +29,6 @@ DEFAULT_IMAGE_SIZE = 48
 
 NUM_SOURCE_DIGITS = 1_797
 NUM_TRAIN_SOURCE_DIGITS = 1_437
-NUM_TEST_SOURCE_DIGITS = 360
 PLACEMENTS_PER_DIGIT = {"train": 4, "test": 2}
 SPLIT_IDS = {"train": 0, "test": 1}
 # Holdout configs validate on every HOLDOUT_EVERY-th train source digit.

@@ -38,8 +38,6 @@ DEFECTIVE_THRESHOLD = 0.5
 PROBABILITY_LEVELS = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 CELL_TYPES = ("mono", "poly")
 CLASS_NAMES = ("functional", "defective")
-SPLITS = ("train", "test")
-HOLDOUT_SPLITS = ("train", "validation", "test")
 
 _DESCRIPTION = """\
 Electroluminescence images of 2,624 solar cells (300x300 grayscale) cut from 44
