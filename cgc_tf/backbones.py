@@ -1,18 +1,9 @@
 """Offline image classifiers (no downloads) with their recommended Grad-CAM layer.
 
-Every builder returns a functional `keras.Model` mapping float32 images
-[B, H, W, 3] in [0, 1] to logits [B, num_classes] (no softmax: Grad-CAM and the
-cross-entropy both work on logits). ImageNet mean/std normalisation is the
-first layer, so callers never preprocess by hand.
-
-ResNet-18/34/50 are torchvision's (the reference's) architecture, layer for layer:
-convolutions padded symmetrically as torch pads them, no conv biases, ResNet-50 in
-its v1.5 form (stride in the bottleneck's 3x3 convolution), torch's BatchNorm
-epsilon and momentum and torch's initialisers; tests/reference_parity_test.py checks
-them against the reference's own PyTorch model. Layer names follow
-keras.applications (`conv5_block2_out` ...), which keeps target-layer names uniform
-across depths. `small_resnet` (for 32-48 px images; no torch counterpart) keeps
-the "keras" block layout: TF "same" padding, each block starting as the identity.
+Every builder returns a functional `keras.Model`: float32 images [B, H, W, 3] in
+[0, 1] -> logits [B, num_classes], input normalisation as its first layer.
+ResNet-18/34/50 are torchvision's architecture layer for layer; `small_resnet` is for
+32-48 px images. Layouts and layer names: docs/architecture.md ("Backbones").
 """
 
 import importlib

@@ -1,17 +1,9 @@
 """Quiet console output: TensorFlow's start-up notices and other libraries' INFO lines hidden.
 
-TensorFlow 2.21 writes its C++ start-up lines (absl's "before absl::InitializeLog()"
-warning, the oneDNN notice, "Could not find cuda drivers", "failed call to cuInit")
-before its logging reads TF_CPP_MIN_LOG_LEVEL, and no environment variable silences
-the oneDNN notice without changing the maths (TF_ENABLE_ONEDNN_OPTS=1 still prints it).
-`quiet_stderr` therefore filters the process's file descriptor 2 around TensorFlow's
-import and its first device query; `setup` hides other libraries' Python log records
-(tfds INFO, deprecation and AutoGraph warnings) in the binaries.
-
-Honours the user's choice: TF_CPP_MIN_LOG_LEVEL=0 shows every C++ line, another level
-hides the C++ lines below it (unset: 2); the binaries skip `setup`'s log filter when
---verbosity is given.
-Standard library only: cgc_tf/__init__.py imports this module before TensorFlow.
+`quiet_stderr` filters file descriptor 2 around TensorFlow's import (its C++ start-up
+lines precede TF_CPP_MIN_LOG_LEVEL); `setup` hides other libraries' log records in the
+binaries. A TF_CPP_MIN_LOG_LEVEL or --verbosity the user sets wins. Standard library
+only: cgc_tf/__init__.py imports this module before TensorFlow. See docs/architecture.md.
 """
 
 import collections
