@@ -1,22 +1,10 @@
 """Input pipelines of `cgc_tf`: tfds by name, image folders, views, subsets.
 
-Dataset names: "cluttered_digits" (embedded), "elpv" (+ variants), a tfds name
-prepared in `data_dir` (never downloaded) or "folder:/root"; docs/data.md
-describes the sources, decoding, pipelines and views.
-
-Public API:
-  DatasetInfo, dataset_info     classes, splits, bounding boxes of a dataset.
-  train_dataset                 ({"image", "classification_view"}, label) batches.
-  eval_dataset                  ({"image"}, label) batches, or dicts with boxes.
-  labelled_subset               the examples of a per-class subset (examples_per_class).
-  unlabeled_dataset             {"image"} batches.
-  semi_supervised_dataset       ((x_l, y_l), x_u) with the unlabelled stream repeated.
-  CorruptImageCounter           distinct corrupt files skipped (skip_corrupt_images=True).
-  InputStats                    images a (sharded) training pipeline decoded.
-  prepare_folder                an image folder written once as sharded tfds records
-                                (the `cgc-prepare` command), then read by name.
-
-Importing this package registers the `cluttered_digits` and `elpv` tfds builders.
+`train_dataset`, `eval_dataset`, `unlabeled_dataset`, `semi_supervised_dataset` give
+batches of float32 images [B, S, S, 3] in [0, 1] and int32 labels [B] for a dataset
+name ("cluttered_digits", "elpv...", a tfds name prepared in `data_dir`: never
+downloaded, or "folder:/root"). Importing registers the `cluttered_digits` and `elpv`
+tfds builders. The public names and the sources, decoding and views: docs/data.md.
 """
 
 from cgc_tf.data import cluttered_digits

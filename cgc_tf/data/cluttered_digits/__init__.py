@@ -1,19 +1,9 @@
 """The embedded default dataset `cluttered_digits` (a tensorflow-datasets builder).
 
-Importing this package registers the `cluttered_digits` builder with tfds, so
-`tfds.load("cluttered_digits", data_dir=...)` works afterwards. Modules:
-`canvas` (renders one example in NumPy), `cluttered_digits` (the builder);
-`README.md` beside them describes the content, the splits (train: 5,748
-examples of 1,437 source digits; test: 720 of 360 other digits) and the
-determinism guarantees.
-
-Example:
-
-    from cgc_tf.data import cluttered_digits
-
-    train = cluttered_digits.load("train", data_dir="/tmp/tfds")
-    for example in train.take(1):
-        image, label = example["image"], example["label"]  # uint8 [48, 48, 3], int64 []
+Importing registers the builder with tfds. `load(split, data_dir, image_size=48)` gives
+dicts with `image` uint8 [S, S, 3] and `label` int64; `canvas` renders one example in
+NumPy, `cluttered_digits` is the builder. Content, splits and determinism: README.md
+beside this file.
 """
 
 from cgc_tf.data.cluttered_digits import canvas

@@ -1,23 +1,9 @@
 """The `elpv` solar-cell dataset (a tensorflow-datasets builder; optional extra).
 
-Importing this package registers the `elpv` builder with tfds; preparing it
-needs the optional package `elpv-dataset` (`pip install -e ".[elpv]"`), whose
-images are stored unchanged. See `elpv.py` and `README.md` next to it for the
-task (defective vs functional), the stratified splits and the cell-type configs.
-
-Dataset names (`cgc-train --dataset=...`) map to builder configs:
-
-    elpv, elpv_holdout                 all cells        config all, all_holdout
-    elpv_mono, elpv_mono_holdout       monocrystalline  config mono, mono_holdout
-    elpv_poly, elpv_poly_holdout       polycrystalline  config poly, poly_holdout
-
-Example:
-
-    from cgc_tf.data import elpv
-
-    test = elpv.load("test", name="elpv_mono", data_dir="/tmp/tfds")
-    for example in test.take(1):
-        image, label = example["image"], example["label"]  # uint8 [300, 300, 1], int64 []
+Importing registers the `elpv` builder with tfds; preparing it needs the optional
+package `elpv-dataset` (`pip install -e ".[elpv]"`). `load(split, name="elpv_mono")`
+gives dicts with `image` uint8 [300, 300, 1] and `label` int64 (defective vs
+functional). Names, configs and splits: README.md beside this file.
 """
 
 from cgc_tf.data.elpv import elpv as _elpv
