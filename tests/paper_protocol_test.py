@@ -1,45 +1,23 @@
-"""cgc_tf.paper_protocol and cgc_tf.data.annotated on hand-computed oracles.
+"""cgc_tf.paper_protocol on hand-computed oracles (annotated folders: annotated_test.py).
 
 tests/reference_evaluation_parity_test.py checks the same functions against the
 reference's own code (torch); these run without it.
 """
 
-import os
 import tempfile
 
 import keras
 import numpy as np
 import scipy.ndimage
 import tensorflow as tf
-from PIL import Image
 
 from cgc_tf import backbones
-from cgc_tf import metrics
 from cgc_tf import paper_protocol
 from cgc_tf.data import annotated
+from tests import testing_base
 
 CLASS_NAMES = ["n001", "n002", "n003"]
 MEAN = np.asarray(backbones.IMAGENET_MEAN, np.float32)
-
-
-def _write_image(root, name, width, height, objects=None, xml=None, seed=0):
-    """root/val/<name>.JPEG and root/annotation/<name>.xml (hand-written or from objects)."""
-    os.makedirs(os.path.join(root, "val"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotation"), exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(os.path.join(root, "val", f"{name}.JPEG"))
-    if xml is None:
-        boxes = "".join(
-            f"<object><name>{n}</name><pose>Unspecified</pose><bndbox><xmin>{x0}</xmin>"
-            f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
-            for n, x0, y0, x1, y1 in objects
-        )
-        xml = (f"<annotation><folder>val</folder><filename>{name}</filename><size>"
-               f"<width>{width}</width><height>{height}</height><depth>3</depth></size>"
-               f"{boxes}</annotation>")
-    if xml is not False:
-        with open(os.path.join(root, "annotation", f"{name}.xml"), "w") as file:
-            file.write(xml)
 
 
 class ResizeTest(tf.test.TestCase):
@@ -142,61 +120,6 @@ class RiseTest(tf.test.TestCase):
         self.assertEqual(paper_protocol.default_pixels_per_step(32, 32), 37)  # 28 steps
 
 
-class AnnotatedFolderTest(tf.test.TestCase):
-
-    def test_boxes_labels_and_masks_follow_torchray(self):
-        with tempfile.TemporaryDirectory() as root:
-            # The label is the first object's class; two boxes of it, one of n001.
-            _write_image(root, "ILSVRC_1", 20, 10, [
-                ("n002", 2, 3, 5, 4), ("n001", 1, 1, 20, 10), ("n002", 12, 6, 14, 10),
-            ])
-            _write_image(root, "ILSVRC_2", 8, 12, [("n003", 1, 1, 8, 12)], seed=1)
-            examples = list(annotated.voc_folder_examples(root, CLASS_NAMES))
-        self.assertEqual([e["label"] for e in examples], [1, 2])
-        self.assertEqual(examples[0]["image"].shape, (10, 20, 3))
-        self.assertAllEqual(examples[0]["box_labels"], [1, 0, 1])
-        # TorchRay: mask[ymin-1:ymax, xmin-1:xmax] = 1 for each box of the label.
-        expected = np.zeros((10, 20), bool)
-        expected[2:4, 1:5] = True
-        expected[5:10, 11:14] = True
-        gt = examples[0]["boxes"][examples[0]["box_labels"] == 1]
-        self.assertAllEqual(metrics.boxes_to_mask(gt[None], 10, 20)[0], expected)
-
-    def test_numeric_class_names_map_like_torchray(self):
-        names = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
-        self.assertEqual(annotated.class_index("002.Laysan_Albatross", names), 1)
-        self.assertEqual(annotated.class_index("2", names), 1)
-        self.assertIsNone(annotated.class_index("n123", names))
-
-    def test_missing_and_malformed_annotations_are_named(self):
-        cases = [
-            (False, "has no annotation"),
-            ("<annotation><size><width>4</width>", "not valid XML"),
-            ("<annotation><object><name>n001</name></object></annotation>", "no <size>"),
-            ("<annotation><size><width>4</width><height>4</height></size><object><name>n001"
-             "</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax></bndbox></object>"
-             "</annotation>", "no <ymax>"),
-            ("<annotation><size><width>4</width><height>4</height></size></annotation>",
-             "no <object>"),
-            ("<annotation><size><width>4</width><height>4</height></size><object><name>dog"
-             "</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax>"
-             "</bndbox></object></annotation>", "is not one of the 3 classes"),
-            ("<annotation><size><width>5</width><height>4</height></size><object><name>n001"
-             "</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax>"
-             "</bndbox></object></annotation>", "gives <size> 5x4"),
-        ]
-        for xml, message in cases:
-            with self.subTest(message=message), tempfile.TemporaryDirectory() as root:
-                _write_image(root, "image", 4, 4, xml=xml)
-                with self.assertRaisesRegex(ValueError, message):
-                    list(annotated.voc_folder_examples(root, CLASS_NAMES))
-
-    def test_missing_folders_are_explained(self):
-        with tempfile.TemporaryDirectory() as root:
-            with self.assertRaisesRegex(ValueError, "must contain val/"):
-                list(annotated.voc_folder_examples(root, CLASS_NAMES))
-
-
 def _constant_model(image_size=16, num_classes=4):
     """Zero features and zero logits: every Grad-CAM is zero, every softmax uniform."""
     inputs = keras.Input((image_size, image_size, 3))
@@ -213,7 +136,9 @@ class EvaluatePaperTest(tf.test.TestCase):
         sizes = [(20, 14), (20, 14), (9, 23)]
         for index, (width, height) in enumerate(sizes):
             box = (1, 1, width, height) if full_boxes else (1, 1, width // 2, height)
-            _write_image(root, f"image{index}", width, height, [("n002", *box)], seed=index)
+            testing_base.write_voc_image(
+                root, f"image{index}", width, height, [("n002", *box)], seed=index
+            )
         return list(annotated.voc_folder_examples(root, CLASS_NAMES))
 
     def test_zero_cams_score_the_box_area_and_uniform_scores_give_constant_curves(self):
