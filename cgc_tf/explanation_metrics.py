@@ -1,18 +1,8 @@
-"""Explanation-quality metrics reviewers ask for, beyond localisation and consistency.
+"""Explanation-quality metrics beyond localisation: sparseness, max-sensitivity, ROAD, sanity.
 
-  sparseness              Gini index of a heatmap (Chalasani et al. 2020).
-  max_sensitivity         largest relative heatmap change under uniform input
-                          noise of radius r (Yeh et al. 2019).
-  road                    Remove And Debias (Rong et al. 2022): the class
-                          probability after the most (MoRF) / least (LeRF)
-                          relevant pixels are replaced by noisy linear imputation.
-  randomization_sanity    cascading model-parameter randomisation (Adebayo et
-                          al. 2018): Spearman correlation of heatmaps of the
-                          trained and the progressively randomised model.
-
-Heatmaps are float [B, H, W]. Explainers are callables
-`(images [B, H, W, C], class_index int32 [B]) -> heatmaps [B, H, W]`, e.g.
-`lambda x, c: cgc_tf.explain(model, x, c)`. Re-exported by `cgc_tf.metrics`.
+Heatmaps are float [B, H, W]; explainers are callables `(images [B, H, W, C],
+class_index int32 [B]) -> heatmaps [B, H, W]`, e.g. `lambda x, c: cgc_tf.explain(model,
+x, c)`. Re-exported by `cgc_tf.metrics`; definitions and references: docs/explain.md.
 """
 
 import keras

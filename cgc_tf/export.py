@@ -1,18 +1,10 @@
 """Export a `CGCModel` for serving: a SavedModel (TF Serving layout) and ONNX, verified.
 
-`export_model(model, export_dir, version=1)` writes
-
-  export_dir/<version>/                     SavedModel: `cgc_tf.serving`'s signatures, metadata
-  export_dir/<version>/assets.extra/metadata.json
-  export_dir/model.onnx                     the `explain` function (float input)
-  export_dir/export_report.json             verification, names, shapes, versions
-
-Inputs: images float32 [B, H, W, 3] in [0, 1] or image_bytes string [B]; outputs:
-probabilities [B, K], class_id [B], heatmap [B, H, W], valid [B] (bytes). Everything is
-written to a hidden staging folder of `export_dir` (TF Serving ignores non-numeric
-names), verified against the Keras model (`cgc_tf.export_verification`) and only then
-moved into place, so a server watching `export_dir` never sees a half-written or
-unverified version. Signatures, preprocessing and tolerances: docs/export.md.
+`export_model(model, export_dir, version=1)` writes `export_dir/<version>/` (SavedModel),
+`model.onnx` and `export_report.json`. Inputs: images float32 [B, H, W, 3] in [0, 1] or
+image_bytes string [B]; outputs: probabilities [B, K], class_id [B], heatmap [B, H, W].
+A version is verified in a hidden staging folder before it is moved into place, so a
+server never sees an unverified one. Layout, signatures and tolerances: docs/export.md.
 """
 
 import datetime

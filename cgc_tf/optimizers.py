@@ -1,17 +1,8 @@
 """SGD with torch's coupled L2 weight decay and torch's momentum form.
 
-The reference trains with `torch.optim.SGD(params, lr, momentum, weight_decay=wd)`,
-which per step and per parameter w with gradient g computes
-
-    g' = g + wd * w          # coupled L2: the decay enters the momentum buffer
-    v  = mu * v + g'
-    w  = w - lr * v
-
-Keras' `SGD(weight_decay=wd)` differs twice: its decay is decoupled
-(`w -= lr * wd * w`, outside the momentum, about 1 / (1 - mu) = 10x weaker at
-mu = 0.9), and its velocity holds the learning rate (`v = mu * v - lr * g`), so a
-learning-rate change (a step schedule) takes effect gradually instead of at once.
-`CoupledSGD` is torch's update exactly; docs/method.md ("Deviations from the
+`CoupledSGD` is `torch.optim.SGD(params, lr, momentum, weight_decay=wd)`'s update, the
+reference's: g' = g + wd * w; v = mu * v + g'; w -= lr * v. Keras' SGD decays outside
+the momentum and keeps lr in its velocity; docs/method.md ("Deviations from the
 reference") says what each choice changes.
 """
 
