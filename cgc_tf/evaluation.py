@@ -1,16 +1,9 @@
-"""Evaluate explanations of one or several models over a dataset.
+"""Evaluate explanations of one or several models over a dataset ("cgc_tf" protocol).
 
-`evaluate_model` runs every metric of `cgc_tf.metrics` batch by batch and returns a
-flat dict of means and counts (written as metrics.json by `cgc-evaluate` and by
-training); `compare_models` evaluates two models on the same images and
-transforms T and adds their paired differences; `evaluate_consistency` measures
-consistency alone under another T. Heatmaps for Content Heatmap, pointing game
-and insertion/deletion are Grad-CAM of the ground-truth class; consistency uses
-the predicted class of x for x and T(x), as training does (docs/evaluation.md;
-"cgc_tf" protocol, `cgc_tf.paper_protocol` is the reference's). Loading and the
-model interface live in `model_loading`, summaries in `evaluation_summary`, the
-grid in `evaluation_grid`, progress lines in `evaluation_progress`; their public
-names are importable from here too.
+`evaluate_model` returns a flat dict of metric means and counts (metrics.json),
+`compare_models` adds paired differences on the same images and transforms T,
+`evaluate_consistency` measures consistency alone under another T. Which class
+each metric explains, and the reference's protocol: docs/evaluation.md.
 """
 
 import numpy as np
@@ -30,7 +23,6 @@ from cgc_tf.model_loading import SavedModelExplainer
 from cgc_tf.model_loading import as_explainer
 from cgc_tf.model_loading import check_batch
 from cgc_tf.model_loading import load_model
-from cgc_tf.model_loading import read_model_dir_config
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -47,7 +39,6 @@ __all__ = [
     "evaluate_models",
     "grid_explanations",
     "load_model",
-    "read_model_dir_config",
     "save_grid",
     "take_images",
 ]
@@ -167,6 +158,42 @@ class _Progress:
             self._own.close()
 
 
+def _capped_batches(dataset, augmentation, progress, max_batches, max_images, dataset_size,
+                    check=None):
+    """The batches an evaluation covers, with one draw of T each.
+
+    Stops after `max_batches` batches or `max_images` images (cutting the last
+    batch); calls `check(images, labels)` on each batch before anything else runs
+    on it; sets `progress.total` from the first batch's size.
+
+    Yields:
+      (images float32 [B, H, W, 3], labels int32 [B], boxes float32 [B, N, 4] or
+      None, transform (`augmentation.sample`), transformed images float32
+      [B, H, W, 3], images done so far including this batch: int).
+    """
+    num_images = 0
+    for batch_index, batch in enumerate(dataset):
+        if max_batches is not None and batch_index >= max_batches:
+            return
+        if max_images is not None and num_images >= max_images:
+            return
+        images, labels, boxes = _unpack_batch(batch)
+        if max_images is not None and num_images + images.shape[0] > max_images:
+            keep = max_images - num_images
+            images, labels = images[:keep], labels[:keep]
+            boxes = None if boxes is None else boxes[:keep]
+        if check is not None:
+            check(images, labels)
+        if batch_index == 0:  # The first batch's size turns batches into images.
+            progress.total = _total_images(
+                dataset, max_batches, max_images, int(images.shape[0]), dataset_size
+            )
+        num_images += int(images.shape[0])
+        transform = augmentation.sample(images.shape[0], images.shape[1], images.shape[2])
+        yield (images, labels, boxes, transform,
+               augmentation.apply_to_images(images, transform), num_images)
+
+
 def _batch_metrics(explainer, images, labels, boxes, augmentation, transform, transformed, steps,
                    report):
     """Per-image metric values of one batch for one model: name -> (values, valid).
@@ -266,24 +293,10 @@ def evaluate_models(
     num_images = 0
     progress = _Progress(progress, "Explanation metrics")
     try:
-        for batch_index, batch in enumerate(dataset):
-            if max_batches is not None and batch_index >= max_batches:
-                break
-            if max_images is not None and num_images >= max_images:
-                break
-            images, labels, boxes = _unpack_batch(batch)
-            if max_images is not None and num_images + images.shape[0] > max_images:
-                keep = max_images - num_images
-                images, labels = images[:keep], labels[:keep]
-                boxes = None if boxes is None else boxes[:keep]
-            check_batch(images, labels, explainers)
-            if batch_index == 0:  # The first batch's size turns batches into images.
-                progress.total = _total_images(
-                    dataset, max_batches, max_images, int(images.shape[0]), dataset_size
-                )
-            done = num_images + int(images.shape[0])
-            transform = augmentation.sample(images.shape[0], images.shape[1], images.shape[2])
-            transformed = augmentation.apply_to_images(images, transform)
+        for images, labels, boxes, transform, transformed, done in _capped_batches(
+            dataset, augmentation, progress, max_batches, max_images, dataset_size,
+            check=lambda images, labels: check_batch(images, labels, explainers),
+        ):
             for name, explainer in explainers.items():
                 values = _batch_metrics(
                     explainer, images, labels, boxes, augmentation, transform, transformed,
@@ -442,19 +455,9 @@ def evaluate_consistency(models, dataset, augmentation, augmentation_seed=0, max
     num_images = 0
     progress = _Progress(progress, "Consistency at the given transforms")
     try:
-        for batch in dataset:
-            if max_images is not None and num_images >= max_images:
-                break
-            images, _, _ = _unpack_batch(batch)
-            if max_images is not None:
-                images = images[: max_images - num_images]
-            if num_images == 0:
-                progress.total = _total_images(
-                    dataset, None, max_images, int(images.shape[0]), dataset_size
-                )
-            done = num_images + int(images.shape[0])
-            transform = augmentation.sample(images.shape[0], images.shape[1], images.shape[2])
-            transformed = augmentation.apply_to_images(images, transform)
+        for images, _, _, transform, transformed, done in _capped_batches(
+            dataset, augmentation, progress, None, max_images, dataset_size
+        ):
             for name, explainer in explainers.items():
                 cosine, pearson = metrics_lib.consistency(
                     explainer, images, augmentation=augmentation, transform=transform,

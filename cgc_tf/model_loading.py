@@ -156,11 +156,6 @@ def load_model(path):
     return layout.load_model(path)
 
 
-def read_model_dir_config(path):
-    """The dict of `config.json` beside a model (model_dir or its model.keras), or {}."""
-    return layout.read_config(path)
-
-
 def check_batch(images, labels, explainers):
     """Raises a readable ValueError for images of the wrong size or labels out of range.
 

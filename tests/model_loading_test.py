@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import cgc_tf
 from cgc_tf import evaluation
+from cgc_tf import model_dir
 from cgc_tf import model_loading
 from tests import testing_models
 
@@ -55,12 +56,12 @@ class LoadModelTest(tf.test.TestCase):
             self.assertAllClose(
                 loaded.explain(images)["heatmap"], model.explain(images)["heatmap"], atol=1e-6
             )
-            self.assertEqual(model_loading.read_model_dir_config(path)["image_size"], IMAGE_SIZE)
+            self.assertEqual(model_dir.read_config(path)["image_size"], IMAGE_SIZE)
         with self.assertRaisesRegex(ValueError, "model.keras"):
             model_loading.load_model(self._directory())
         with self.assertRaisesRegex(ValueError, "neither"):
             model_loading.load_model(os.path.join(directory, "missing.h5"))
-        self.assertEqual(model_loading.read_model_dir_config(self._directory()), {})
+        self.assertEqual(model_dir.read_config(self._directory()), {})
 
     def test_check_batch_names_the_model_and_what_to_change(self):
         explainers = {"m": model_loading.as_explainer(tiny_model())}
