@@ -47,7 +47,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.10"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16,<2.22"],
         # The elpv solar-cell images (about 90 MB; data licence CC BY-NC-SA 4.0,
         # so never a core dependency): --dataset=elpv needs it.

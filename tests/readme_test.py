@@ -51,15 +51,17 @@ class ReadmeTest(tf.test.TestCase):
         blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
         commands = [line for block in blocks for line in block.splitlines()]
         # Self-contained: it installs the test dependencies before running pytest.
-        test_command = [line for line in commands if line.endswith("pytest -q tests")]
-        self.assertEqual(test_command, ['pip install -e ".[test]" && python -m pytest -q tests'])
+        test_command = [line for line in commands if line.endswith("pytest -q -n 2 tests")]
+        self.assertEqual(
+            test_command, ['pip install -e ".[test]" && python -m pytest -q -n 2 tests']
+        )
         ci_lines = [line.strip() for line in CI_SCRIPT.read_text().splitlines()]
         self.assertIn(test_command[0], ci_lines)
         self.assertEqual(
             [line for line in ci_lines if "-m pytest" in line and not line.startswith("#")],
             test_command,
         )
-        self.assertIn('python -m pytest -q -m "not slow" tests', commands)
+        self.assertIn('python -m pytest -q -n 2 -m "not slow" tests', commands)
 
 
 if __name__ == "__main__":
