@@ -7,6 +7,11 @@ the regimes, methods and outputs.
 import json
 import os
 
+import numpy as np
+
+from cgc_tf import config as config_lib
+from cgc_tf import data
+from cgc_tf import evaluation
 from experiments import runs as runs_lib
 
 REPO = runs_lib.REPO
@@ -153,11 +158,6 @@ def grid_cells(dataset, image_size, count, data_dir=None):
     Returns:
       (images float32 [count, S, S, 3], labels int32 [count]), in stored order.
     """
-    # Imported here: only the grids need TensorFlow in this process.
-    import numpy as np
-
-    from cgc_tf import data
-
     wanted = {1: count // 2, 0: count - count // 2}
     images, labels = [], []
     for batch_images, batch_labels in data.eval_dataset(dataset, 64, image_size, data_dir=data_dir):
@@ -180,9 +180,6 @@ def write_grid(path, run_dirs, seed, count=6):
       seed: int, seeds T.
       count: int >= 2, cells (rows), half of them defective.
     """
-    from cgc_tf import config as config_lib
-    from cgc_tf import evaluation
-
     with open(os.path.join(next(iter(run_dirs.values())), runs_lib.CONFIG_FILE)) as f:
         config = config_lib.TrainConfig.from_json(f.read())
     images, labels = grid_cells(config.dataset, config.image_size, count, config.data_dir)

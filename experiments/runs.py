@@ -12,7 +12,18 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
+
+from cgc_tf import config as config_lib
+from cgc_tf import data
+from cgc_tf import evaluation
+from cgc_tf import model_dir as layout
+from cgc_tf import training
+# The model_dir names the runs are read by (one home: cgc_tf/model_dir.py).
+from cgc_tf.model_dir import BACKBONE_WEIGHTS_FILE  # noqa: F401  (used by elpv_runs)
+from cgc_tf.model_dir import CONFIG_FILE
+from cgc_tf.model_dir import METRICS_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = {
@@ -43,11 +54,6 @@ COLUMNS = (
     ("pointing_game", "pointing %", 100.0),
 )
 UNTRAINED = "untrained"
-# cgc_tf.model_dir's names, restated: importing cgc_tf imports TensorFlow, which this
-# process needs only for the untrained floor (tests/model_dir_test.py checks they agree).
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # The command line a run directory was started with (run_all).
 COMMAND_FILE = "command.json"
 
@@ -126,8 +132,7 @@ def untrained_floors(output_dir, seeds, config_path_for_seed):
         if seed not in floors:
             print(f"Evaluating an untrained network (seed {seed})", flush=True)
             floors[seed] = untrained_metrics(config_path_for_seed(seed), seed)
-            with open(path, "w") as f:
-                json.dump(floors, f, indent=2)
+            layout.write_json(path, floors)
     return floors
 
 
@@ -141,12 +146,6 @@ def untrained_metrics(config_path, seed):
     Returns:
       dict metric -> float, the keys of `read_metrics`.
     """
-    # Imported here: only the floor needs TensorFlow in this process.
-    import keras
-
-    from cgc_tf import config as config_lib
-    from cgc_tf import data, evaluation, training
-
     with open(config_path) as f:
         config = config_lib.TrainConfig.from_json(f.read())
     keras.utils.set_random_seed(seed)
@@ -269,9 +268,7 @@ def run_all(runs, jobs, require_record=False):
     while pending or running:
         while pending and len(running) < jobs:
             command, model_dir = pending.pop(0)
-            os.makedirs(model_dir, exist_ok=True)
-            with open(os.path.join(model_dir, COMMAND_FILE), "w") as f:
-                json.dump(command[1:], f, indent=2)
+            layout.write_json(os.path.join(model_dir, COMMAND_FILE), command[1:])
             print("$ " + " ".join(command[1:]), flush=True)
             log = open(os.path.join(model_dir, "train.log"), "a")
             running.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log), log,
@@ -299,9 +296,9 @@ def write_results(output_dir, results, regimes, methods, columns=COLUMNS):
       regimes, methods: the table's row order (see `markdown_table`).
       columns: the table's metrics (see `summarize`).
     """
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    layout.write_json(os.path.join(output_dir, "results.json"), results)
     table = markdown_table(summarize(results, columns), regimes, methods, columns)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    with layout.atomic_write_path(os.path.join(output_dir, "results.md")) as path:
+        with open(path, "w") as f:
+            f.write(table + "\n")
     return table

@@ -127,8 +127,7 @@ class NamesTest(tf.test.TestCase):
             model_dir.input_stats_file(3), os.path.join("input_stats", "worker-3.json")
         )
 
-    def test_experiments_restate_the_names(self):
-        # experiments/ cannot import cgc_tf (it imports TensorFlow) in its driver process.
+    def test_experiments_read_the_names_from_here(self):
         from experiments import elpv_runs
         from experiments import runs
 
