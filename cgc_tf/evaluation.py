@@ -136,28 +136,6 @@ def _check_limits(**limits):
             raise ValueError(f"`{argument}` must be None or an int >= 1; received {value!r}")
 
 
-class _Progress:
-    """The `progress` argument as one object: report(stage, done), close()."""
-
-    def __init__(self, progress, title):
-        if not (isinstance(progress, bool) or callable(progress)):
-            raise ValueError(
-                f"`progress` must be a bool or a callable (metric, done, total); received "
-                f"{progress!r}"
-            )
-        self._own = evaluation_progress.ProgressLine(title) if progress is True else None
-        self._hook = self._own if progress is True else (progress or None)
-        self.total = None
-
-    def report(self, stage, done):
-        if self._hook is not None:
-            self._hook(stage, done, self.total)
-
-    def close(self):
-        if self._own is not None:
-            self._own.close()
-
-
 def _capped_batches(dataset, augmentation, progress, max_batches, max_images, dataset_size,
                     check=None):
     """The batches an evaluation covers, with one draw of T each.
@@ -291,7 +269,7 @@ def evaluate_models(
     all_labels = []
     skipped = {name: 0 for name in models}
     num_images = 0
-    progress = _Progress(progress, "Explanation metrics")
+    progress = evaluation_progress.Progress(progress, "Explanation metrics")
     try:
         for images, labels, boxes, transform, transformed, done in _capped_batches(
             dataset, augmentation, progress, max_batches, max_images, dataset_size,
@@ -453,7 +431,7 @@ def evaluate_consistency(models, dataset, augmentation, augmentation_seed=0, max
     augmentation = metrics_lib.seeded_augmentation(augmentation, augmentation_seed)
     values = {name: ([], []) for name in models}
     num_images = 0
-    progress = _Progress(progress, "Consistency at the given transforms")
+    progress = evaluation_progress.Progress(progress, "Consistency at the given transforms")
     try:
         for images, _, _, transform, transformed, done in _capped_batches(
             dataset, augmentation, progress, None, max_images, dataset_size

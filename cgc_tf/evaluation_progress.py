@@ -81,3 +81,37 @@ class ProgressLine:
         self._stream.write("\r" + line.ljust(self._width))
         self._stream.flush()
         self._width = max(self._width, len(line))
+
+
+class Progress:
+    """A `progress` argument (True, False or a hook) as one object: report(stage, done), close().
+
+    Args:
+      progress: True prints a `ProgressLine(title)`; False or None prints nothing;
+        a callable is called as `progress(stage, done, total)`.
+      title: str, the `ProgressLine` title.
+
+    Attributes:
+      total: int or None, the images the evaluation covers (None: unknown); set it
+        before the first `report`.
+    """
+
+    def __init__(self, progress, title):
+        if not (isinstance(progress, bool) or progress is None or callable(progress)):
+            raise ValueError(
+                f"`progress` must be a bool or a callable (metric, done, total); received "
+                f"{progress!r}"
+            )
+        self._own = ProgressLine(title) if progress is True else None
+        self._hook = self._own if progress is True else (progress or None)
+        self.total = None
+
+    def report(self, stage, done):
+        """Tells the hook that `stage` has finished `done` images."""
+        if self._hook is not None:
+            self._hook(stage, done, self.total)
+
+    def close(self):
+        """Prints the final line of an own `ProgressLine`."""
+        if self._own is not None:
+            self._own.close()

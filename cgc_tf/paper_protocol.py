@@ -10,7 +10,6 @@ it differs from `cgc_tf.evaluation`'s protocol: docs/evaluation.md.
 
 import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -18,6 +17,7 @@ from PIL import Image
 from cgc_tf import augment as augment_lib
 from cgc_tf import backbones
 from cgc_tf import evaluation
+from cgc_tf import evaluation_progress
 from cgc_tf import gradcam as gradcam_lib
 from cgc_tf import metrics as metrics_lib
 
@@ -311,7 +311,10 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
       seed: int, seeds the transforms T.
       batch_size: int >= 1, images per batch (consecutive images of one size).
       max_images: optional int >= 1.
-      progress: print a keras Progbar.
+      progress: True prints progress lines (`evaluation_progress.ProgressLine`);
+        a callable is called as `progress(stage, done, total)` after each of the
+        stages "content heatmap", "insertion/deletion" and "consistency" of each
+        batch (total: max_images or len(examples), None if neither is known).
 
     Returns:
       dict of JSON values, "protocol": "paper", the settings, and the means:
@@ -341,46 +344,54 @@ def evaluate_paper(model, examples, input_resize=INPUT_RESIZE, pixels_per_step=N
     for name in augmentations:
         values[f"consistency_cosine_{name}_transforms"] = []
         values[f"consistency_pearson_{name}_transforms"] = []
-    progress_bar = keras.utils.Progbar(max_images, unit_name="image") if progress else None
+    progress = evaluation_progress.Progress(progress, "Paper protocol")
+    known = [n for n in (max_images, len(examples) if hasattr(examples, "__len__") else None)
+             if n is not None]
+    progress.total = min(known) if known else None
     num_images, steps = 0, None
-    for batch in _batches(examples, batch_size, max_images):
-        images = tf.constant(np.stack([e["image"] for e in batch]), tf.float32) / 255.0
-        labels = tf.constant([e["label"] for e in batch], tf.int32)
-        height, width = int(images.shape[1]), int(images.shape[2])
-        # Content Heatmap: the full image, short side input_resize, native-size mask.
-        resized = resize_image(images, short_side_size(height, width, input_resize))
-        try:
-            cams = feature_cams(resized, labels)
-        except (ValueError, tf.errors.InvalidArgumentError) as error:
-            raise ValueError(
-                f"the model cannot take the full {resized.shape[1]}x{resized.shape[2]} image "
-                f"(input_resize={input_resize}) that the paper's Content Heatmap feeds it; it "
-                f"needs a global pooling head, as the reference's ResNets have ({error})"
-            ) from None
-        percent, zero_cam = content_heatmap(cams, _ground_truth_boxes(batch), (height, width))
-        values["content_heatmap_percent"].append(percent.numpy())
-        values["zero_cam"].append(zero_cam.numpy())
-        # Insertion / deletion and consistency: the full image squeezed to the input.
-        square = resize_image(images, side)
-        explained = explainer.explain(square, class_index=labels)
-        insertion, deletion, predicted = rise_curves(
-            explainer.logits, square, explained["heatmap"], pixels_per_step
-        )
-        steps = int(insertion.shape[1]) - 1
-        values["insertion_auc"].append(rise_auc(insertion).numpy())
-        values["deletion_auc"].append(rise_auc(deletion).numpy())
-        correct = tf.cast(tf.equal(predicted, labels), tf.float32)
-        values["accuracy_full_image"].append(correct.numpy())
-        for name, augmentation in augmentations.items():
-            transform = augmentation.sample(len(batch), side[0], side[1])
-            cosine, pearson = metrics_lib.consistency(
-                explainer, square, augmentation=augmentation, transform=transform
+    try:
+        for batch in _batches(examples, batch_size, max_images):
+            images = tf.constant(np.stack([e["image"] for e in batch]), tf.float32) / 255.0
+            labels = tf.constant([e["label"] for e in batch], tf.int32)
+            height, width = int(images.shape[1]), int(images.shape[2])
+            # Content Heatmap: the full image, short side input_resize, native-size mask.
+            resized = resize_image(images, short_side_size(height, width, input_resize))
+            try:
+                cams = feature_cams(resized, labels)
+            except (ValueError, tf.errors.InvalidArgumentError) as error:
+                raise ValueError(
+                    f"the model cannot take the full {resized.shape[1]}x{resized.shape[2]} image "
+                    f"(input_resize={input_resize}) that the paper's Content Heatmap feeds it; it "
+                    f"needs a global pooling head, as the reference's ResNets have ({error})"
+                ) from None
+            percent, zero_cam = content_heatmap(cams, _ground_truth_boxes(batch), (height, width))
+            values["content_heatmap_percent"].append(percent.numpy())
+            values["zero_cam"].append(zero_cam.numpy())
+            done = num_images + len(batch)
+            progress.report("content heatmap", done)
+            # Insertion / deletion and consistency: the full image squeezed to the input.
+            square = resize_image(images, side)
+            explained = explainer.explain(square, class_index=labels)
+            insertion, deletion, predicted = rise_curves(
+                explainer.logits, square, explained["heatmap"], pixels_per_step
             )
-            values[f"consistency_cosine_{name}_transforms"].append(cosine.numpy())
-            values[f"consistency_pearson_{name}_transforms"].append(pearson.numpy())
-        num_images += len(batch)
-        if progress_bar is not None:
-            progress_bar.update(num_images)
+            steps = int(insertion.shape[1]) - 1
+            values["insertion_auc"].append(rise_auc(insertion).numpy())
+            values["deletion_auc"].append(rise_auc(deletion).numpy())
+            correct = tf.cast(tf.equal(predicted, labels), tf.float32)
+            values["accuracy_full_image"].append(correct.numpy())
+            progress.report("insertion/deletion", done)
+            for name, augmentation in augmentations.items():
+                transform = augmentation.sample(len(batch), side[0], side[1])
+                cosine, pearson = metrics_lib.consistency(
+                    explainer, square, augmentation=augmentation, transform=transform
+                )
+                values[f"consistency_cosine_{name}_transforms"].append(cosine.numpy())
+                values[f"consistency_pearson_{name}_transforms"].append(pearson.numpy())
+            progress.report("consistency", done)
+            num_images = done
+    finally:
+        progress.close()
     if num_images == 0:
         raise ValueError("`examples` yielded no images to evaluate")
     means = {

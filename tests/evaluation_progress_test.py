@@ -1,5 +1,6 @@
 """Tests of cgc_tf/evaluation_progress.py: the lines ProgressLine prints, with a fake clock."""
 
+import contextlib
 import io
 
 import tensorflow as tf
@@ -86,6 +87,32 @@ class ProgressLineTest(tf.test.TestCase):
     def test_negative_interval_is_an_error(self):
         with self.assertRaisesRegex(ValueError, "interval=-1"):
             evaluation_progress.ProgressLine("T", interval=-1)
+
+
+class ProgressTest(tf.test.TestCase):
+    def test_a_hook_gets_stage_done_and_the_total(self):
+        calls = []
+        progress = evaluation_progress.Progress(lambda *call: calls.append(call), "T")
+        progress.total = 8
+        progress.report("grad-cam", 4)
+        progress.close()
+        self.assertEqual(calls, [("grad-cam", 4, 8)])
+
+    def test_false_prints_nothing_and_true_prints_lines_to_stdout(self):
+        stream = io.StringIO()
+        with contextlib.redirect_stdout(stream):
+            silent = evaluation_progress.Progress(False, "Quiet")
+            silent.report("consistency", 2)
+            silent.close()
+            self.assertEqual(stream.getvalue(), "")
+            shown = evaluation_progress.Progress(True, "Shown")
+            shown.report("consistency", 2)
+            shown.close()
+        self.assertIn("Shown: 2 images in", stream.getvalue())
+
+    def test_anything_else_is_an_error(self):
+        with self.assertRaisesRegex(ValueError, "`progress` must be a bool or a callable"):
+            evaluation_progress.Progress("yes", "T")
 
 
 if __name__ == "__main__":

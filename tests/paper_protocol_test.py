@@ -148,11 +148,15 @@ class EvaluatePaperTest(tf.test.TestCase):
 
         # The layer is named: the automatic choice needs a class score that depends
         # on the features, which this all-zero model's does not.
+        calls = []
         result = paper_protocol.evaluate_paper(
             evaluation.Explainer(_constant_model(), "features"), examples, input_resize=24,
             transform_min_area=0.5, batch_size=2,
-            progress=False,
+            progress=lambda *call: calls.append(call),
         )
+        # Batches of one image size: the two 20x14 images, then the 9x23 one.
+        stages = ("content heatmap", "insertion/deletion", "consistency")
+        self.assertEqual(calls, [(stage, done, 3) for done in (2, 3) for stage in stages])
         self.assertEqual(result["protocol"], "paper")
         self.assertEqual(result["num_images"], 3)
         self.assertEqual(result["content_heatmap_zero_cams"], 3)
