@@ -44,7 +44,9 @@ ALLOWED = {
         "metrics", "gradcam", "augment", "visualize", "model", "data", "model_dir",
         "model_loading", "evaluation_progress", "evaluation_summary", "evaluation_grid",
     },
-    "paper_protocol": {"augment", "backbones", "evaluation", "gradcam", "metrics"},
+    "paper_protocol": {
+        "augment", "backbones", "evaluation", "evaluation_progress", "gradcam", "metrics",
+    },
     "callbacks": {"visualize", "gradcam", "model", "model_dir"},
     "custom_loop": {"distribute", "callbacks"},
     "training": {
