@@ -7,8 +7,10 @@ the speed: the requested settings, and every ratio, rate and summary recomputed
 from the record's own fields.
 """
 
+import importlib.util
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -207,6 +209,9 @@ class ExplainThroughputTest(tf.test.TestCase):
         import numpy as np
 
         from benchmarks import explain_throughput
+
+        if importlib.util.find_spec("tf_keras_vis") is None:
+            self.skipTest('tf-keras-vis is not installed (pip install -e ".[benchmark]")')
 
         model = self._tiny("softmax")
         twin = self._tiny(None)
@@ -472,6 +477,12 @@ class BenchmarksEndToEndTest(_RecordChecks):
             import torch  # noqa: F401  (optional benchmark dependency)
         except ImportError:
             self.skipTest("torch is not installed (optional, see docs/performance.md)")
+        from benchmarks import torch_steps
+
+        model_file = os.path.join(torch_steps.DEFAULT_REFERENCE_DIR, "models",
+                                  "resnet_multigpu_cgc.py")
+        if not os.path.exists(model_file):
+            self.skipTest(f"the reference code is not at {torch_steps.DEFAULT_REFERENCE_DIR}")
         _, records = _run_benchmark(
             "reference_torch", "--model_code=reference", "--autocast=bfloat16",
             "--variants=plain", "--arch=resnet18", "--image_size=32", "--batch_size=2",
