@@ -87,8 +87,8 @@ class Progress:
     """A `progress` argument (True, False or a hook) as one object: report(stage, done), close().
 
     Args:
-      progress: True prints a `ProgressLine(title)`; False or None prints nothing;
-        a callable is called as `progress(stage, done, total)`.
+      progress: True prints a `ProgressLine(title)`; False prints nothing; a
+        callable is called as `progress(stage, done, total)`.
       title: str, the `ProgressLine` title.
 
     Attributes:
@@ -97,7 +97,7 @@ class Progress:
     """
 
     def __init__(self, progress, title):
-        if not (isinstance(progress, bool) or progress is None or callable(progress)):
+        if not (isinstance(progress, bool) or callable(progress)):
             raise ValueError(
                 f"`progress` must be a bool or a callable (metric, done, total); received "
                 f"{progress!r}"

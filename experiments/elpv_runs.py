@@ -12,6 +12,7 @@ import numpy as np
 from cgc_tf import config as config_lib
 from cgc_tf import data
 from cgc_tf import evaluation
+from cgc_tf import model_dir as layout
 from experiments import runs as runs_lib
 
 REPO = runs_lib.REPO
@@ -63,7 +64,7 @@ def pretrain_dir(output_dir):
 
 def pretrained_weights(output_dir):
     """The backbone weights the *_pretrained runs start from."""
-    return os.path.join(pretrain_dir(output_dir), runs_lib.BACKBONE_WEIGHTS_FILE)
+    return os.path.join(pretrain_dir(output_dir), layout.BACKBONE_WEIGHTS_FILE)
 
 
 def _dataset(cell_type, holdout):

@@ -21,7 +21,6 @@ from cgc_tf import evaluation
 from cgc_tf import model_dir as layout
 from cgc_tf import training
 # The model_dir names the runs are read by (one home: cgc_tf/model_dir.py).
-from cgc_tf.model_dir import BACKBONE_WEIGHTS_FILE  # noqa: F401  (used by elpv_runs)
 from cgc_tf.model_dir import CONFIG_FILE
 from cgc_tf.model_dir import METRICS_FILE
 
