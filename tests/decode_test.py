@@ -2,8 +2,6 @@
 
 import io
 import os
-import shutil
-import tempfile
 from unittest import mock
 
 import numpy as np
@@ -13,6 +11,7 @@ import tensorflow as tf
 from cgc_tf import data
 from cgc_tf.data import decode
 from cgc_tf.data import views
+from tests.testing_base import temporary_directory as _temporary_directory
 
 
 def _encode(array, image_format, mode=None, **options):
@@ -24,13 +23,6 @@ def _encode(array, image_format, mode=None, **options):
 
 def _colour(height=20, width=20, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _temporary_directory(test):
-    # tf.test's create_tempdir needs parsed absl flags, which pytest does not do.
-    directory = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-    return directory
 
 
 def _write(path, content):

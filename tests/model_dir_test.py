@@ -2,10 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from unittest import mock
 
 import numpy as np
@@ -14,12 +12,7 @@ import tensorflow as tf
 import cgc_tf
 from cgc_tf import model_dir
 from tests import testing_models
-
-
-def _temporary_directory(test):
-    directory = tempfile.mkdtemp(prefix="cgc_model_dir_test_")
-    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-    return directory
+from tests.testing_base import temporary_directory as _temporary_directory
 
 
 class _Interrupted(BaseException):

@@ -19,6 +19,7 @@ from cgc_tf import data
 from cgc_tf.data import prepare
 from cgc_tf.data import sources
 from tests import testing_processes
+from tests.testing_base import temporary_directory as _temporary_directory
 
 NAME = "prepare_test_images"
 # 12 train images (3 classes x 4) and 3 val images; one train file is a grayscale PNG.
@@ -42,12 +43,6 @@ def _write_folder(root, seed=0):
                     Image.fromarray(pixels).save(
                         os.path.join(folder, f"{index:02d}.jpg"), quality=90
                     )
-
-
-def _temporary_directory(test):
-    directory = tempfile.mkdtemp(prefix="cgc_prepare_test_")
-    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-    return directory
 
 
 def _record_files(data_dir):
